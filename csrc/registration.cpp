@@ -1,0 +1,26 @@
+// The schemas of the moe_fusion library, defined once. Kernels register per
+// dispatch key in their own files; fake (meta) implementations live in Python
+// (ops/_fake.py), which set_python_module points torch to.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(moe_fusion, m) {
+  m.set_python_module("ops._fake");
+  m.def(
+      "moe_fused_gate(Tensor logits, Tensor? bias, int num_expert_group, int topk_group, int topk, "
+      "str scoring_func, int group_score_topk, float masked_score, bool renormalize, float renormalize_eps, "
+      "float routed_scaling_factor, int num_fused_shared_experts, bool apply_routed_scaling_factor_on_output, "
+      "bool weights_from_masked_scores, ScalarType? compute_dtype, ScalarType? weights_dtype, "
+      "ScalarType? ids_dtype) -> (Tensor weights, Tensor ids)");
+  m.def(
+      "moe_fused_gate.out(Tensor logits, Tensor? bias, int num_expert_group, int topk_group, int topk, "
+      "str scoring_func, int group_score_topk, float masked_score, bool renormalize, float renormalize_eps, "
+      "float routed_scaling_factor, int num_fused_shared_experts, bool apply_routed_scaling_factor_on_output, "
+      "bool weights_from_masked_scores, ScalarType? compute_dtype, ScalarType? weights_dtype, "
+      "ScalarType? ids_dtype, *, Tensor(a!) weights_out, Tensor(b!) ids_out) -> ()");
+}
+
+// `import ops._C` loads the library above; the module itself exports nothing.
+static struct PyModuleDef moe_fusion_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&moe_fusion_module); }

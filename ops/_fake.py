@@ -1,0 +1,38 @@
+"""Fake (meta) implementations of the moe_fusion ops, registered exactly once on import.
+
+They check the arguments (so that ``torch.compile`` reports a bad call at compile time) and
+describe the outputs' shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gate import check_gate_args
+
+
+@torch.library.register_fake("moe_fusion::moe_fused_gate")
+def _moe_fused_gate_fake(logits, bias, num_expert_group, topk_group, topk, scoring_func, group_score_topk,
+                         masked_score, renormalize, renormalize_eps, routed_scaling_factor,
+                         num_fused_shared_experts, apply_routed_scaling_factor_on_output,
+                         weights_from_masked_scores, compute_dtype, weights_dtype, ids_dtype):
+    check_gate_args(logits, bias, num_expert_group, topk_group, topk, scoring_func, group_score_topk,
+                    masked_score, renormalize, renormalize_eps, routed_scaling_factor, num_fused_shared_experts,
+                    apply_routed_scaling_factor_on_output, weights_from_masked_scores, compute_dtype,
+                    weights_dtype, ids_dtype)
+    shape = (*logits.shape[:-1], topk + num_fused_shared_experts)
+    weights = logits.new_empty(shape, dtype=weights_dtype or torch.float32)
+    ids = logits.new_empty(shape, dtype=ids_dtype or torch.int32)
+    return weights, ids
+
+
+@torch.library.register_fake("moe_fusion::moe_fused_gate.out")
+def _moe_fused_gate_out_fake(logits, bias, num_expert_group, topk_group, topk, scoring_func, group_score_topk,
+                             masked_score, renormalize, renormalize_eps, routed_scaling_factor,
+                             num_fused_shared_experts, apply_routed_scaling_factor_on_output,
+                             weights_from_masked_scores, compute_dtype, weights_dtype, ids_dtype, *,
+                             weights_out, ids_out):
+    check_gate_args(logits, bias, num_expert_group, topk_group, topk, scoring_func, group_score_topk,
+                    masked_score, renormalize, renormalize_eps, routed_scaling_factor, num_fused_shared_experts,
+                    apply_routed_scaling_factor_on_output, weights_from_masked_scores, compute_dtype,
+                    weights_dtype, ids_dtype)

@@ -1,0 +1,122 @@
+"""Plain-PyTorch references.
+
+``moe_fused_gate_reference`` is the executable contract of ``moe_fused_gate``: it follows the
+documented semantics step by step with whole-tensor operations and stable sorts (no kernel code is
+shared), and is what the kernels are tested against.
+
+``deepseek_v3_routing`` is the unfused routing as models write it (the HF transformers DeepseekV3 /
+GLM-4.5 router); benchmarks and examples use it as the baseline the fused op replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x rounded to `dtype` and held in float32 (the eager code's storage rounding)."""
+    return x if dtype == torch.float32 else x.to(dtype).float()
+
+
+def _order_desc(x: torch.Tensor) -> torch.Tensor:
+    """Indices sorting the last dim descending; NaN first, ties by lower index (stable sort)."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices
+
+
+def moe_fused_gate_reference(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_expert_group: int,
+    topk_group: int,
+    topk: int,
+    *,
+    scoring_func: str = "sigmoid",
+    group_score_topk: int = 2,
+    masked_score: float = float("-inf"),
+    renormalize: bool = True,
+    renormalize_eps: float = 0.0,
+    routed_scaling_factor: float = 1.0,
+    num_fused_shared_experts: int = 0,
+    apply_routed_scaling_factor_on_output: bool = False,
+    weights_from_masked_scores: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    weights_dtype: torch.dtype = torch.float32,
+    ids_dtype: torch.dtype = torch.int32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_experts = logits.shape[-1]
+    group_size = num_experts // num_expert_group
+    x = logits.reshape(-1, num_experts).float()
+    tokens = x.shape[0]
+    score_dtype = compute_dtype or torch.float32
+
+    scores = torch.softmax(x, dim=-1) if scoring_func == "softmax" else torch.sigmoid(x)
+    scores = _rounded(scores, score_dtype)
+    if bias is None:
+        selection_dtype = score_dtype
+        selection = scores
+    else:
+        selection_dtype = score_dtype if bias.dtype == score_dtype else torch.float32
+        selection = _rounded(scores + bias.float(), selection_dtype)
+    fill = _rounded(torch.tensor(masked_score, dtype=torch.float32), selection_dtype).item()
+
+    kept = torch.ones(tokens, num_experts, dtype=torch.bool, device=x.device)
+    if topk_group < num_expert_group:
+        grouped = selection.view(tokens, num_expert_group, group_size)
+        best = torch.gather(grouped, -1, _order_desc(grouped)[..., :group_score_topk])
+        group_score = best[..., 0]
+        for j in range(1, group_score_topk):  # summed in descending order
+            group_score = group_score + best[..., j]
+        group_score = _rounded(group_score, selection_dtype)
+        kept_groups = _order_desc(group_score)[:, :topk_group]
+        kept_group_mask = torch.zeros(tokens, num_expert_group, dtype=torch.bool, device=x.device)
+        kept_group_mask.scatter_(1, kept_groups, True)
+        kept = kept_group_mask.repeat_interleave(group_size, dim=1)
+    masked = torch.where(kept, selection, torch.full_like(selection, fill))
+
+    ids = _order_desc(masked)[:, :topk]
+    weights = torch.gather(scores, 1, ids)
+    if weights_from_masked_scores:
+        weights = torch.where(torch.gather(kept, 1, ids), weights, torch.full_like(weights, fill))
+    if renormalize:
+        denominator = _rounded(_rounded(weights.sum(-1, keepdim=True), score_dtype) + renormalize_eps, score_dtype)
+        weights = _rounded(weights / denominator, score_dtype)
+    scale = 1.0 if apply_routed_scaling_factor_on_output else routed_scaling_factor
+    weights = _rounded(weights * scale, score_dtype)
+
+    if num_fused_shared_experts:
+        shared_weight = 1.0 / routed_scaling_factor if apply_routed_scaling_factor_on_output else 1.0
+        shared_ids = torch.arange(num_experts, num_experts + num_fused_shared_experts, device=x.device)
+        ids = torch.cat([ids, shared_ids.expand(tokens, -1)], dim=1)
+        weights = torch.cat([weights, torch.full((tokens, num_fused_shared_experts), shared_weight, device=x.device)], 1)
+    out_shape = (*logits.shape[:-1], topk + num_fused_shared_experts)
+    return weights.to(weights_dtype).reshape(out_shape), ids.to(ids_dtype).reshape(out_shape)
+
+
+def deepseek_v3_routing(
+    router_logits: torch.Tensor,
+    bias: torch.Tensor,
+    num_expert_group: int,
+    topk_group: int,
+    topk: int,
+    routed_scaling_factor: float = 2.5,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused DeepSeek-V3 routing as HF transformers writes it: returns (weights fp32, ids int64)."""
+    num_experts = router_logits.shape[-1]
+    scores = router_logits.reshape(-1, num_experts).float().sigmoid()
+    scores_for_choice = scores + bias
+    group_scores = scores_for_choice.view(-1, num_expert_group, num_experts // num_expert_group).topk(2, dim=-1)[0].sum(-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = (
+        group_mask.unsqueeze(-1)
+        .expand(-1, num_expert_group, num_experts // num_expert_group)
+        .reshape(-1, num_experts)
+    )
+    scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
+    topk_indices = torch.topk(scores_for_choice, k=topk, dim=-1, sorted=False)[1]
+    topk_weights = scores.gather(1, topk_indices)
+    if renormalize:
+        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return topk_weights * routed_scaling_factor, topk_indices
