@@ -45,8 +45,8 @@ struct GateConfig {
   OutDtype weights_dtype;
   bool ids_int64;
 
-  int64_t out_columns() const { return topk + num_shared; }
-  bool groups_limit_choice() const { return topk_group < num_groups; }
+  C10_HOST_DEVICE int64_t out_columns() const { return topk + num_shared; }
+  C10_HOST_DEVICE bool groups_limit_choice() const { return topk_group < num_groups; }
 };
 
 // Validates every argument (raising ValueError that names the argument and the

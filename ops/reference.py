@@ -1,14 +1,17 @@
 """Plain-PyTorch references.
 
-``moe_fused_gate_reference`` is the executable contract of ``moe_fused_gate``: it follows the
-documented semantics step by step with whole-tensor operations and stable sorts (no kernel code is
-shared), and is what the kernels are tested against.
+``gate_reference`` is the executable contract of ``moe_fused_gate``: it follows the documented
+semantics step by step with whole-tensor operations and stable sorts (no kernel code is shared) and
+returns its intermediates, which the tests use to check the kernels tie-aware.
+``moe_fused_gate_reference`` has the op's signature and outputs.
 
 ``deepseek_v3_routing`` is the unfused routing as models write it (the HF transformers DeepseekV3 /
 GLM-4.5 router); benchmarks and examples use it as the baseline the fused op replaces.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -23,7 +26,17 @@ def _order_desc(x: torch.Tensor) -> torch.Tensor:
     return torch.sort(x, dim=-1, descending=True, stable=True).indices
 
 
-def moe_fused_gate_reference(
+class GateReference(NamedTuple):
+    """Intermediates of the reference, float32 on [T, E] / [T, topk] (T = all leading dims)."""
+
+    scores: torch.Tensor  # s, rounded to compute_dtype
+    kept: torch.Tensor  # bool: expert belongs to a kept group
+    masked_selection: torch.Tensor  # b, or masked_score for experts of dropped groups
+    ids: torch.Tensor  # int64 [T, topk], routed picks only
+    weights: torch.Tensor  # float32 [T, topk], routed weights only
+
+
+def gate_reference(
     logits: torch.Tensor,
     bias: torch.Tensor | None,
     num_expert_group: int,
@@ -36,13 +49,10 @@ def moe_fused_gate_reference(
     renormalize: bool = True,
     renormalize_eps: float = 0.0,
     routed_scaling_factor: float = 1.0,
-    num_fused_shared_experts: int = 0,
     apply_routed_scaling_factor_on_output: bool = False,
     weights_from_masked_scores: bool = False,
     compute_dtype: torch.dtype | None = None,
-    weights_dtype: torch.dtype = torch.float32,
-    ids_dtype: torch.dtype = torch.int32,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> GateReference:
     num_experts = logits.shape[-1]
     group_size = num_experts // num_expert_group
     x = logits.reshape(-1, num_experts).float()
@@ -67,27 +77,63 @@ def moe_fused_gate_reference(
         for j in range(1, group_score_topk):  # summed in descending order
             group_score = group_score + best[..., j]
         group_score = _rounded(group_score, selection_dtype)
-        kept_groups = _order_desc(group_score)[:, :topk_group]
         kept_group_mask = torch.zeros(tokens, num_expert_group, dtype=torch.bool, device=x.device)
-        kept_group_mask.scatter_(1, kept_groups, True)
+        kept_group_mask.scatter_(1, _order_desc(group_score)[:, :topk_group], True)
         kept = kept_group_mask.repeat_interleave(group_size, dim=1)
     masked = torch.where(kept, selection, torch.full_like(selection, fill))
 
     ids = _order_desc(masked)[:, :topk]
-    weights = torch.gather(scores, 1, ids)
-    if weights_from_masked_scores:
-        weights = torch.where(torch.gather(kept, 1, ids), weights, torch.full_like(weights, fill))
-    if renormalize:
-        denominator = _rounded(_rounded(weights.sum(-1, keepdim=True), score_dtype) + renormalize_eps, score_dtype)
-        weights = _rounded(weights / denominator, score_dtype)
-    scale = 1.0 if apply_routed_scaling_factor_on_output else routed_scaling_factor
-    weights = _rounded(weights * scale, score_dtype)
+    weights = gate_weights_for_ids(
+        scores, kept, ids, fill if weights_from_masked_scores else None, renormalize, renormalize_eps,
+        1.0 if apply_routed_scaling_factor_on_output else routed_scaling_factor, score_dtype,
+    )
+    return GateReference(scores, kept, masked, ids, weights)
 
+
+def gate_weights_for_ids(
+    scores: torch.Tensor,
+    kept: torch.Tensor,
+    ids: torch.Tensor,
+    masked_fill: float | None,
+    renormalize: bool,
+    renormalize_eps: float,
+    scale: float,
+    weight_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Routed weights of the chosen `ids` [T, k] (step 4 of the contract)."""
+    weights = torch.gather(scores, 1, ids)
+    if masked_fill is not None:
+        weights = torch.where(torch.gather(kept, 1, ids), weights, torch.full_like(weights, masked_fill))
+    if renormalize:
+        denominator = _rounded(_rounded(weights.sum(-1, keepdim=True), weight_dtype) + renormalize_eps, weight_dtype)
+        weights = _rounded(weights / denominator, weight_dtype)
+    return _rounded(weights * scale, weight_dtype)
+
+
+def moe_fused_gate_reference(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_expert_group: int,
+    topk_group: int,
+    topk: int,
+    *,
+    num_fused_shared_experts: int = 0,
+    weights_dtype: torch.dtype = torch.float32,
+    ids_dtype: torch.dtype = torch.int32,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same arguments and outputs as ``ops.moe_fused_gate``."""
+    ref = gate_reference(logits, bias, num_expert_group, topk_group, topk, **options)
+    ids, weights = ref.ids, ref.weights
     if num_fused_shared_experts:
-        shared_weight = 1.0 / routed_scaling_factor if apply_routed_scaling_factor_on_output else 1.0
-        shared_ids = torch.arange(num_experts, num_experts + num_fused_shared_experts, device=x.device)
+        num_experts = logits.shape[-1]
+        rsf = options.get("routed_scaling_factor", 1.0)
+        shared_weight = 1.0 / rsf if options.get("apply_routed_scaling_factor_on_output", False) else 1.0
+        tokens = ids.shape[0]
+        shared_ids = torch.arange(num_experts, num_experts + num_fused_shared_experts, device=ids.device)
         ids = torch.cat([ids, shared_ids.expand(tokens, -1)], dim=1)
-        weights = torch.cat([weights, torch.full((tokens, num_fused_shared_experts), shared_weight, device=x.device)], 1)
+        shared = torch.full((tokens, num_fused_shared_experts), shared_weight, device=ids.device)
+        weights = torch.cat([weights, shared], dim=1)
     out_shape = (*logits.shape[:-1], topk + num_fused_shared_experts)
     return weights.to(weights_dtype).reshape(out_shape), ids.to(ids_dtype).reshape(out_shape)
 

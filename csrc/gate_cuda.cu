@@ -1,0 +1,422 @@
+// CUDA kernel of moe_fusion::moe_fused_gate.
+//
+// One warp routes one token at a time (grid-stride over tokens). Lane l holds
+// experts [l*VPT, (l+1)*VPT) in registers, loaded with 16-byte vector loads.
+// Every comparison goes through the 32-bit order key of gate_config.h, so a
+// warp arg-max is one `redux.sync` max (sm_80+) plus a ballot: the lowest lane
+// holding the maximum owns the lowest expert index, which gives the documented
+// lowest-index tie-break without 64-bit shuffles.
+//
+// Group scores take the register path when each lane's chunk lies inside one
+// group and a group spans a power-of-two number of lanes with m <= 2
+// (DeepSeek-V3: P=32, VPT=8, 4 lanes a group): a butterfly over those lanes
+// merges (top1, top2) pairs. Other layouts go through a per-warp shared-memory
+// copy of the selection scores, one lane per group.
+#include "dispatch.h"
+#include "gate_op.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace moe_fusion {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 8;
+constexpr unsigned kFull = 0xFFFFFFFFu;
+
+__device__ __forceinline__ float key_value(uint32_t key) {
+  // Inverse of order_key (NaN comes back as NaN, -0.0 as +0.0).
+  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+  return __uint_as_float(bits);
+}
+
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+
+__device__ __forceinline__ float warp_nan_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = nan_max(v, __shfl_xor_sync(kFull, v, off));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+// Loads lane's chunk [lane*VPT, lane*VPT+VPT) of a row; elements >= E read as 0.
+template <typename T, int VPT>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int lane, int E, bool vectorized,
+                                           float (&v)[VPT]) {
+  constexpr int kPerVec = 16 / sizeof(T);
+  static_assert(VPT % kPerVec == 0, "VPT must be a multiple of the 16-byte vector width");
+  const int first = lane * VPT;
+  if (vectorized) {
+#pragma unroll
+    for (int i = 0; i < VPT / kPerVec; ++i) {
+      const int e = first + i * kPerVec;
+      if (e < E) {  // E % kPerVec == 0 on this path: a vector is all in or all out
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + e));
+        const T* vals = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int j = 0; j < kPerVec; ++j) v[i * kPerVec + j] = to_float(vals[j]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kPerVec; ++j) v[i * kPerVec + j] = 0.0f;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) v[j] = (first + j < E) ? to_float(row[first + j]) : 0.0f;
+  }
+}
+
+__device__ __forceinline__ void store_weight(void* base, int64_t i, float w, OutDtype dtype) {
+  if (dtype == OutDtype::F32) {
+    static_cast<float*>(base)[i] = w;
+  } else if (dtype == OutDtype::BF16) {
+    static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(w);
+  } else {
+    static_cast<__half*>(base)[i] = __float2half_rn(w);
+  }
+}
+
+__device__ __forceinline__ void store_id(void* base, int64_t i, int id, bool int64) {
+  if (int64) {
+    static_cast<int64_t*>(base)[i] = id;
+  } else {
+    static_cast<int32_t*>(base)[i] = id;
+  }
+}
+
+// Sum of the top-m of `vals[0..n)` (shared memory) in descending order, m >= 1.
+__device__ float top_m_sum_smem(const float* vals, int n, int m) {
+  // Repeatedly take the best (key, lowest index) strictly after the previous pick.
+  uint64_t prev = ~0ull;
+  float sum = 0.0f;
+  for (int r = 0; r < m; ++r) {
+    uint64_t best = 0;
+    for (int i = 0; i < n; ++i) {
+      const uint64_t c = (static_cast<uint64_t>(order_key(vals[i])) << 32) | (0xFFFFFFFFu - i);
+      if (c < prev && c > best) best = c;
+    }
+    sum += vals[0xFFFFFFFFu - static_cast<uint32_t>(best)];
+    prev = best;
+  }
+  return sum;
+}
+
+struct GateArgs {
+  const void* logits;
+  int64_t row_stride;
+  int64_t rows;
+  const void* bias;
+  bool bias_is_f32;
+  bool vectorized;
+  bool group_registers;  // register path for group scores (see the file comment)
+  int lanes_per_group;   // register path only
+  void* weights;
+  void* ids;
+};
+
+template <typename T, int VPT>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
+    moe_fused_gate_kernel(const GateArgs args, const GateConfig cfg) {
+  extern __shared__ float smem[];
+  const int E = static_cast<int>(cfg.num_experts);
+  const int G = static_cast<int>(cfg.num_groups);
+  const int P = static_cast<int>(cfg.group_size);
+  const int k = static_cast<int>(cfg.topk);
+  const int K = static_cast<int>(cfg.out_columns());
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const bool limit_groups = cfg.topk_group < cfg.num_groups;
+
+  // Shared memory: bias (E floats), then per warp E selection scores and G kept flags
+  // for the shared-memory group path.
+  float* bias_s = smem;
+  float* warp_sel = smem + E + warp * (E + G);
+  float* warp_group = warp_sel + E;  // group scores, then kept flags (1/0)
+  if (cfg.has_bias) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      bias_s[e] = args.bias_is_f32 ? static_cast<const float*>(args.bias)[e]
+                                   : to_float(static_cast<const T*>(args.bias)[e]);
+    }
+  }
+  __syncthreads();
+
+  const uint32_t masked_key = order_key(cfg.masked_score);
+  const int first = lane * VPT;
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < args.rows; t += warps_total) {
+    const T* row = static_cast<const T*>(args.logits) + t * args.row_stride;
+    float s[VPT];
+    load_chunk<T, VPT>(row, lane, E, args.vectorized, s);
+
+    // 1. Scores.
+    if (cfg.softmax) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < VPT; ++j)
+        if (first + j < E) mx = nan_max(mx, s[j]);
+      mx = warp_nan_max(mx);
+      float total = 0.0f;
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) {
+        s[j] = (first + j < E) ? expf(s[j] - mx) : 0.0f;
+        total += s[j];
+      }
+      total = warp_sum(total);
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) s[j] = round_to(s[j] / total, cfg.score_rounding);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) s[j] = round_to(sigmoid_of(s[j]), cfg.score_rounding);
+    }
+
+    // 2. Selection keys (0 = not an expert).
+    uint32_t key[VPT];
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      const float b = cfg.has_bias ? round_to(s[j] + bias_s[min(first + j, E - 1)], cfg.selection_rounding) : s[j];
+      key[j] = (first + j < E) ? order_key(b) : kRemovedKey;
+    }
+
+    // 3. Group limit: `kept_lane` (register path) or warp_group[g] (shared-memory path).
+    bool kept_lane = true;
+    if (limit_groups && args.group_registers) {
+      const int L = args.lanes_per_group;
+      uint32_t top1 = 0, top2 = 0;
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) {
+        const uint32_t c = key[j];
+        top2 = max(top2, min(top1, c));
+        top1 = max(top1, c);
+      }
+      for (int off = 1; off < L; off <<= 1) {
+        const uint32_t o1 = __shfl_xor_sync(kFull, top1, off);
+        const uint32_t o2 = __shfl_xor_sync(kFull, top2, off);
+        top2 = max(min(top1, o1), max(top2, o2));
+        top1 = max(top1, o1);
+      }
+      const float score = cfg.group_score_topk == 1 ? key_value(top1) : key_value(top1) + key_value(top2);
+      const bool leader = (lane % L == 0) && first < E;
+      uint32_t candidate = leader ? order_key(round_to(score, cfg.selection_rounding)) : kRemovedKey;
+      bool taken = false;
+      for (int r = 0; r < cfg.topk_group; ++r) {
+        const uint32_t best = __reduce_max_sync(kFull, candidate);
+        const int winner = __ffs(__ballot_sync(kFull, candidate == best)) - 1;
+        if (lane == winner) candidate = kRemovedKey, taken = true;
+      }
+      kept_lane = __shfl_sync(kFull, taken, (lane / L) * L);
+      if (!kept_lane) {
+#pragma unroll
+        for (int j = 0; j < VPT; ++j)
+          if (first + j < E) key[j] = masked_key;
+      }
+    } else if (limit_groups) {
+#pragma unroll
+      for (int j = 0; j < VPT; ++j)
+        if (first + j < E) warp_sel[first + j] = key_value(key[j]);
+      __syncwarp();
+      // Group composite keys live in the lanes that own them: g = lane + 32 * i.
+      for (int g = lane; g < G; g += kWarp) {
+        warp_group[g] = round_to(top_m_sum_smem(warp_sel + g * P, P, static_cast<int>(cfg.group_score_topk)),
+                                cfg.selection_rounding);
+      }
+      __syncwarp();
+      // Pick topk_group groups: max key, then lowest group index among the lanes holding it.
+      uint32_t taken_bits = 0;  // bit i: group lane + 32 * i taken (G <= 1024 on CUDA)
+      for (int r = 0; r < cfg.topk_group; ++r) {
+        uint32_t best_key = 0;
+        int best_g = G;
+        for (int i = 0, g = lane; g < G; ++i, g += kWarp) {
+          const uint32_t c = (taken_bits >> i) & 1u ? kRemovedKey : order_key(warp_group[g]);
+          if (c > best_key) best_key = c, best_g = g;
+        }
+        const uint32_t top = __reduce_max_sync(kFull, best_key);
+        const int g_win = static_cast<int>(__reduce_min_sync(kFull, best_key == top ? best_g : G));
+        if (g_win % kWarp == lane) taken_bits |= 1u << (g_win / kWarp);
+      }
+      __syncwarp();
+      for (int i = 0, g = lane; g < G; ++i, g += kWarp) warp_group[g] = ((taken_bits >> i) & 1u) ? 1.0f : 0.0f;
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < VPT; ++j)
+        if (first + j < E && warp_group[(first + j) / P] == 0.0f) key[j] = masked_key;
+    }
+
+    // 4. Top-k: k rounds of warp arg-max; each lane caches its own best.
+    uint32_t best = kRemovedKey;
+    int best_j = 0;
+#pragma unroll
+    for (int j = 0; j < VPT; ++j)
+      if (key[j] > best) best = key[j], best_j = j;
+    float best_s = s[0];
+#pragma unroll
+    for (int j = 0; j < VPT; ++j)
+      if (j == best_j) best_s = s[j];
+
+    // Pick r lives in lane r % 32: slot 0 for r < 32, slot 1 for r < 64 (topk <= 64).
+    int pick_id0 = 0, pick_id1 = 0;
+    float pick_w0 = 0.0f, pick_w1 = 0.0f;
+    for (int r = 0; r < k; ++r) {
+      const uint32_t top = __reduce_max_sync(kFull, best);
+      const int winner = __ffs(__ballot_sync(kFull, best == top)) - 1;
+      const int e = winner * VPT + __shfl_sync(kFull, best_j, winner);
+      float w = __shfl_sync(kFull, best_s, winner);
+      if (cfg.weights_from_masked_scores && limit_groups) {
+        const bool kept = args.group_registers ? __shfl_sync(kFull, kept_lane, winner) : warp_group[e / P] != 0.0f;
+        if (!kept) w = cfg.masked_score;
+      }
+      if (lane == (r & (kWarp - 1))) {
+        if (r < kWarp) {
+          pick_id0 = e, pick_w0 = w;
+        } else {
+          pick_id1 = e, pick_w1 = w;
+        }
+      }
+      if (lane == winner) {
+#pragma unroll
+        for (int j = 0; j < VPT; ++j)
+          if (j == best_j) key[j] = kRemovedKey;
+        best = kRemovedKey;
+#pragma unroll
+        for (int j = 0; j < VPT; ++j)
+          if (key[j] > best) best = key[j], best_j = j;
+#pragma unroll
+        for (int j = 0; j < VPT; ++j)
+          if (j == best_j) best_s = s[j];
+      }
+    }
+
+    // 5. Weights: renormalise over the routed picks, scale, write once.
+    float denom = 1.0f;
+    if (cfg.renormalize) {
+      const float part = (lane < k ? pick_w0 : 0.0f) + (lane + kWarp < k ? pick_w1 : 0.0f);
+      const float total = warp_sum(part);
+      denom = round_to(round_to(total, cfg.weight_rounding) + cfg.renormalize_eps, cfg.weight_rounding);
+    }
+    const int64_t out_row = t * K;
+#pragma unroll
+    for (int slot = 0; slot < 2; ++slot) {
+      const int r = lane + slot * kWarp;
+      if (r < k) {
+        float w = slot == 0 ? pick_w0 : pick_w1;
+        w = cfg.renormalize ? round_to(w / denom, cfg.weight_rounding) : w;
+        w = round_to(w * cfg.weight_scale, cfg.weight_rounding);
+        store_weight(args.weights, out_row + r, w, cfg.weights_dtype);
+        store_id(args.ids, out_row + r, slot == 0 ? pick_id0 : pick_id1, cfg.ids_int64);
+      }
+    }
+    for (int j = lane; j < cfg.num_shared; j += kWarp) {
+      store_weight(args.weights, out_row + k + j, cfg.shared_weight, cfg.weights_dtype);
+      store_id(args.ids, out_row + k + j, E + j, cfg.ids_int64);
+    }
+    if (limit_groups && !args.group_registers) __syncwarp();  // warp_sel is rewritten next token
+  }
+}
+
+template <typename T, int VPT>
+void launch(const GateArgs& args, const GateConfig& cfg, size_t smem_bytes, cudaStream_t stream) {
+  auto kernel = moe_fused_gate_kernel<T, VPT>;
+  if (smem_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_bytes)));
+  }
+  int blocks_per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kWarp * kWarpsPerBlock,
+                                                               smem_bytes));
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t needed = (args.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const int blocks = static_cast<int>(std::min<int64_t>(needed, static_cast<int64_t>(sms) * std::max(blocks_per_sm, 1)));
+  kernel<<<blocks, kWarp * kWarpsPerBlock, smem_bytes, stream>>>(args, cfg);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Values per lane: the smallest multiple of the 16-byte vector width covering
+// E experts in 32 lanes, from the instantiated set.
+template <typename T>
+int values_per_lane(int64_t E) {
+  constexpr int kPerVec = 16 / sizeof(T);
+  const int64_t needed = (E + kWarp - 1) / kWarp;
+  for (int multiple : {1, 2, 3, 4, 6, 8}) {
+    if (needed <= multiple * kPerVec) return multiple * kPerVec;
+  }
+  TORCH_CHECK(false, "moe_fused_gate: unreachable: E <= 1024 is checked before");
+}
+
+template <typename T>
+void launch_with_width(int vpt, const GateArgs& args, const GateConfig& cfg, size_t smem, cudaStream_t stream) {
+  switch (vpt) {
+    case 4: if constexpr (sizeof(T) == 4) return launch<T, 4>(args, cfg, smem, stream); break;
+    case 8: return launch<T, 8>(args, cfg, smem, stream);
+    case 12: if constexpr (sizeof(T) == 4) return launch<T, 12>(args, cfg, smem, stream); break;
+    case 16: return launch<T, 16>(args, cfg, smem, stream);
+    case 24: return launch<T, 24>(args, cfg, smem, stream);
+    case 32: return launch<T, 32>(args, cfg, smem, stream);
+    default: break;
+  }
+  TORCH_CHECK(false, "moe_fused_gate: no kernel instantiated for ", vpt, " values per lane");
+}
+
+void gate_cuda(const at::Tensor& logits2d, const at::Tensor& bias, const GateConfig& cfg, at::Tensor& weights2d,
+               at::Tensor& ids2d) {
+  TORCH_CHECK_VALUE(logits2d.is_cuda(), "moe_fused_gate: logits must be a CUDA tensor for the CUDA kernel");
+  TORCH_CHECK_VALUE(cfg.num_experts <= 1024, "moe_fused_gate: on CUDA the number of experts logits.size(-1) must be <= 1024, got ",
+                    cfg.num_experts);
+  const c10::cuda::CUDAGuard guard(logits2d.device());
+  const int64_t E = cfg.num_experts, G = cfg.num_groups, P = cfg.group_size;
+  const int elem = static_cast<int>(logits2d.element_size());
+  const int per_vec = 16 / elem;
+
+  GateArgs args{};
+  args.logits = logits2d.data_ptr();
+  args.row_stride = logits2d.stride(0);
+  args.rows = logits2d.size(0);
+  args.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  args.bias_is_f32 = bias.defined() && bias.scalar_type() == at::kFloat;
+  args.vectorized = E % per_vec == 0 && (args.row_stride * elem) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(args.logits) % 16 == 0;
+  args.weights = weights2d.data_ptr();
+  args.ids = ids2d.data_ptr();
+
+  const int vpt = elem == 4 ? values_per_lane<float>(E) : values_per_lane<__half>(E);
+  const int64_t lanes_per_group = P / vpt;
+  args.group_registers = P % vpt == 0 && lanes_per_group >= 1 && lanes_per_group <= kWarp &&
+                         (lanes_per_group & (lanes_per_group - 1)) == 0 && cfg.group_score_topk <= 2;
+  args.lanes_per_group = static_cast<int>(std::max<int64_t>(lanes_per_group, 1));
+
+  const bool smem_groups = cfg.groups_limit_choice() && !args.group_registers;
+  const size_t smem = sizeof(float) * (E + (smem_groups ? kWarpsPerBlock * (E + G) : 0));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_dtype(logits2d.scalar_type(), "moe_fused_gate: logits", [&](auto tag) {
+    using T = decltype(tag);
+    using Native = std::conditional_t<std::is_same_v<T, c10::BFloat16>, __nv_bfloat16,
+                                      std::conditional_t<std::is_same_v<T, c10::Half>, __half, float>>;
+    launch_with_width<Native>(vpt, args, cfg, smem, stream);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_fusion, CUDA, m) {
+  m.impl("moe_fused_gate", &gate_functional<gate_cuda>);
+  m.impl("moe_fused_gate.out", &gate_out<gate_cuda>);
+}
+
+}  // namespace moe_fusion
