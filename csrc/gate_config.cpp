@@ -86,9 +86,8 @@ GateConfig make_gate_config(
                       logits.device(), "), got ", b.device());
   }
   const at::ScalarType cdt = compute_dtype.value_or(at::kFloat);
-  TORCH_CHECK_VALUE(cdt == at::kFloat || cdt == logits.scalar_type(),
-                    "moe_fused_gate: compute_dtype must be None, float32 or the logits' dtype (",
-                    logits.scalar_type(), "), got ", cdt);
+  TORCH_CHECK_VALUE(is_float_dtype(cdt), "moe_fused_gate: compute_dtype must be None, float32, bfloat16 or float16, got ",
+                    cdt);
   const at::ScalarType wdt = weights_dtype.value_or(at::kFloat);
   TORCH_CHECK_VALUE(is_float_dtype(wdt), "moe_fused_gate: weights_dtype must be float32, bfloat16 or float16, got ",
                     wdt);

@@ -1,5 +1,7 @@
 """moe_fusion ops: the compiled kernels (``ops._C``), their fake impls, the Python API and references."""
 
+import torch  # noqa: F401  (loads libtorch, which ops._C links against)
+
 from . import _C  # noqa: F401  (registers the moe_fusion library and its CPU/CUDA kernels)
 from . import _fake  # noqa: F401  (registers the fake impls, once)
 from .gate import moe_fused_gate

@@ -84,8 +84,8 @@ def check_gate_args(
             fail(f"bias must be float32 or the logits' dtype ({logits.dtype}), got {bias.dtype}")
         if bias.device != logits.device:
             fail(f"bias must be on the logits' device ({logits.device}), got {bias.device}")
-    if compute_dtype not in (None, torch.float32, logits.dtype):
-        fail(f"compute_dtype must be None, float32 or the logits' dtype ({logits.dtype}), got {compute_dtype}")
+    if compute_dtype not in (None, *_FLOAT_DTYPES):
+        fail(f"compute_dtype must be None, float32, bfloat16 or float16, got {compute_dtype}")
     if weights_dtype not in (None, *_FLOAT_DTYPES):
         fail(f"weights_dtype must be float32, bfloat16 or float16, got {weights_dtype}")
     if ids_dtype not in (None, torch.int32, torch.int64):
@@ -131,8 +131,7 @@ def moe_fused_gate(
     every number, as in ``torch.topk``: a token with NaN logits gets NaN weights, and its ids are
     still valid expert indices.
 
-    ``compute_dtype`` (bfloat16/float16, equal to the logits' dtype) reproduces a model that routes in
-    that dtype: every intermediate the eager code stores in that dtype (scores; ``s + bias`` when the
+    ``compute_dtype`` (bfloat16/float16) reproduces a model that routes in that dtype: every intermediate the eager code stores in that dtype (scores; ``s + bias`` when the
     bias has that dtype; group scores; each weight step) is rounded to it, so that the fused op
     chooses the experts the eager model chooses.
 

@@ -47,7 +47,7 @@ def gate_cases(draw):
         num_fused_shared_experts=draw(st.integers(0, 3)),
         apply_routed_scaling_factor_on_output=draw(st.booleans()),
         weights_from_masked_scores=bias_dtype is None and draw(st.booleans()),
-        compute_dtype=draw(st.sampled_from([None, dtype])),
+        compute_dtype=draw(st.sampled_from([None, torch.float32, torch.bfloat16, torch.float16])),
         weights_dtype=draw(st.sampled_from([torch.float32, dtype])),
         ids_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
     )
@@ -236,7 +236,7 @@ BAD_ARGUMENTS = [
     (dict(bias=torch.randn(64, dtype=torch.float64)), "bias must be float32 or the logits' dtype"),
     (dict(logits=torch.randint(0, 5, (4, 64))), "logits must be float32, bfloat16 or float16"),
     (dict(weights_from_masked_scores=True), "weights_from_masked_scores requires bias=None"),
-    (dict(compute_dtype=torch.bfloat16), "compute_dtype must be None, float32 or the logits' dtype"),
+    (dict(compute_dtype=torch.float64), "compute_dtype must be None, float32, bfloat16 or float16"),
     (dict(ids_dtype=torch.int16), "ids_dtype must be int32 or int64"),
     (dict(weights_dtype=torch.float64), "weights_dtype must be float32, bfloat16 or float16"),
 ]

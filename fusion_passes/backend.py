@@ -1,0 +1,113 @@
+"""The torch.compile backend ("moe_fusion") and the Inductor post-grad pass that runs the rewrites.
+
+Inductor takes one post-grad custom pass (torch 2.11 / 2.12), so ``FusionPass`` runs the enabled
+rewrites in order and then any pass that was already configured. Its ``uuid()`` hashes the pass
+sources and the enabled rewrites: Inductor's FX graph cache keys on it, so a cached graph is reused
+only with the same rewrites, and a graph compiled without them is never served with them.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from .report import GraphReport, collector, op_counts
+from .routing import rewrite_routing
+
+REWRITES: dict[str, Callable] = {"routing": rewrite_routing}
+
+_PASS_SOURCES = tuple(sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py"))))
+_graph_counter = itertools.count()
+
+
+def enabled_rewrites(names: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The rewrites to run: `names`, or all minus those listed in MOE_FUSION_DISABLE (comma-separated)."""
+    if names is None:
+        disabled = {n.strip() for n in os.environ.get("MOE_FUSION_DISABLE", "").split(",") if n.strip()}
+        names = [n for n in REWRITES if n not in disabled]
+    unknown = [n for n in names if n not in REWRITES]
+    if unknown:
+        raise ValueError(f"moe_fusion: unknown rewrite(s) {unknown}; known: {sorted(REWRITES)}")
+    return tuple(n for n in REWRITES if n in names)
+
+
+class FusionPass(CustomGraphPass):
+    """Runs the enabled rewrites on a post-grad graph, then `chained` (a pass configured before)."""
+
+    def __init__(self, rewrites: Sequence[str] | None = None, chained: Any = None) -> None:
+        self.rewrites = enabled_rewrites(rewrites)
+        self.chained = chained.chained if isinstance(chained, FusionPass) else chained
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        report = GraphReport(next(_graph_counter), graph_before=str(graph), ops_before=op_counts(graph))
+        for name in self.rewrites:
+            rewrites, refusals = REWRITES[name](graph)
+            report.rewrites += rewrites
+            report.refusals += refusals
+        if self.chained is not None:
+            self.chained(graph)
+        report.graph_after = str(graph)
+        report.ops_after = op_counts(graph)
+        collector.add(report)
+
+    def uuid(self) -> Any:
+        chained = None
+        if self.chained is not None:
+            chained = self.chained.uuid() if hasattr(self.chained, "uuid") else None
+            if chained is None:
+                return None  # the chained pass cannot be cached: neither can we
+        return (get_hash_for_files(_PASS_SOURCES), self.rewrites, chained)
+
+
+def _mode_and_option_patches(mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Inductor config patches for torch.compile's mode= and options=, as the inductor backend applies them."""
+    patches: dict[str, Any] = {}
+    if mode and mode != "default":
+        patches.update(torch._inductor.list_mode_options(mode))
+    known = inductor_config.get_config_copy()
+    for key, value in (options or {}).items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"moe_fusion: unknown Inductor option {key!r}")
+        patches[name] = value
+    return patches
+
+
+def make_backend(rewrites: Sequence[str] | None = None) -> Callable:
+    """A torch.compile backend running Inductor with the given rewrites (default: all enabled)."""
+    names = enabled_rewrites(rewrites)
+
+    def moe_fusion_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
+                           options: dict[str, Any] | None = None):
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = _mode_and_option_patches(mode, options)
+        configured = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
+        patches["post_grad_custom_post_pass"] = FusionPass(names, chained=configured)
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+    return moe_fusion_backend
+
+
+backend = make_backend()
+
+
+def install(rewrites: Sequence[str] | None = None) -> Callable[[], None]:
+    """Adds the rewrites to the default "inductor" backend, for code that calls plain torch.compile.
+
+    Returns a function that restores the previous post-grad pass.
+    """
+    previous = inductor_config.post_grad_custom_post_pass
+    inductor_config.post_grad_custom_post_pass = FusionPass(rewrites, chained=previous)
+
+    def uninstall() -> None:
+        inductor_config.post_grad_custom_post_pass = previous
+
+    return uninstall

@@ -1,0 +1,28 @@
+"""``explain``: compile a model with the fusion backend and return what the passes did."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .backend import make_backend
+from .report import Report, collector
+
+
+def explain(model: Callable, *inputs: Any, rewrites: Sequence[str] | None = None, dynamic: bool | None = None,
+            **kwargs: Any) -> Report:
+    """Compiles `model` with the moe_fusion backend, runs it once on `inputs`, and returns the Report.
+
+    Caches are bypassed for this compile so that every graph really goes through the passes.
+    """
+    torch._dynamo.reset()
+    collector.take()
+    compiled = torch.compile(model, backend=make_backend(rewrites), dynamic=dynamic)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
+        compiled(*inputs, **kwargs)
+    report = collector.take()
+    torch._dynamo.reset()
+    return report

@@ -1,0 +1,803 @@
+"""Routing rewrite: unfused grouped top-k routing becomes one ``moe_fusion::moe_fused_gate``.
+
+The pass does not match a fixed pattern. It reads the post-grad graph forward and gives each node a
+*meaning* in the routing contract (``ops.moe_fused_gate``'s docstring): "the scores s of logits L",
+"b = s + bias viewed as [T, G, P]", "the sum of the top-2 b of each group", "True for the experts of
+dropped groups", "b with dropped experts filled with -inf", "the top-k ids of that", "the weights
+s[ids] / (sum + eps) * rsf", ... Each ATen op has a transfer rule that derives the meaning of its
+output from the meanings of its inputs and checks every argument (dims, constants, dtypes, shapes).
+Because the rules compose, the many ways public code spells the routing (views or unflatten, 2-D or
+3-D tokens, topk(2).sum / amax / max, zeros+scatter+expand masks or bool masks on grouped tensors,
+masked_fill in place or not, gather or topk values, eps or not, casts) are all covered by a few
+rules, and anything no rule explains gets no meaning: a look-alike is never rewritten.
+
+A rewrite replaces only the routing's *outputs* (the ids and the final weights) with the fused op's;
+intermediates that other code still uses (router logits, scores for an aux loss) keep being computed
+by their original nodes, and the rest is removed as dead code.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from typing import Any, Union
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, Node
+
+from .graph_utils import (
+    IDENTITIES,
+    RESHAPES,
+    aten,
+    describe_location,
+    fake,
+    is_last_dim,
+    kwarg_or_arg,
+    prims,
+    same_shape,
+    same_size,
+    scalar_constant,
+    static_int,
+)
+from .report import Refusal, Rewrite
+
+PASS_NAME = "routing"
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Meanings
+
+
+@dataclass(frozen=True)
+class Root:
+    """One scoring of one logits tensor."""
+
+    node: Node  # the scoring node
+    logits: Node  # what the fused op reads (before an exact upcast to float32)
+    scoring: str  # "sigmoid" | "softmax"
+    num_experts: int
+
+
+@dataclass(frozen=True)
+class Sel:
+    """The scores s (bias is None) or the selection scores b = s + bias, flat or viewed [.., G, P]."""
+
+    root: Root
+    score_dtype: torch.dtype  # dtype s is rounded to
+    bias: Node | None
+    dtype: torch.dtype  # dtype of this tensor
+    group: tuple[int, int] | None
+
+    def flat(self) -> Sel:
+        return replace(self, group=None)
+
+
+@dataclass(frozen=True)
+class GroupTopPair:
+    sel: Sel
+    m: int
+
+
+@dataclass(frozen=True)
+class GroupTop:  # topk(b grouped, m).values
+    sel: Sel
+    m: int
+
+
+@dataclass(frozen=True)
+class MaxPair:
+    sel: Sel
+
+
+@dataclass(frozen=True)
+class GroupScore:  # [.., G]: sum of the top-m of each group
+    sel: Sel
+    m: int
+    how: str
+
+
+@dataclass(frozen=True)
+class GroupIndexPair:
+    score: GroupScore
+    topk_group: int
+
+
+@dataclass(frozen=True)
+class GroupIndex:  # [.., topk_group] ids of the kept groups
+    score: GroupScore
+    topk_group: int
+
+
+@dataclass(frozen=True)
+class GroupIndicator:
+    """A tensor holding `kept` for experts (or groups) of kept groups and `dropped` for the others."""
+
+    index: GroupIndex
+    kept: Any
+    dropped: Any
+    layout: str  # "G" [.., G] | "G1" [.., G, 1] | "GP" [.., G, P] | "E" [.., E]
+    how: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Masked:
+    """b where the expert's group is kept, else the constant `fill`."""
+
+    sel: Sel  # the unmasked selection, flat
+    index: GroupIndex
+    fill: float
+    grouped: bool  # this tensor is viewed [.., G, P]
+    how: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExpertTopk:
+    source: Union[Masked, Sel]
+    k: int
+    sorted: bool
+    node: Node
+
+
+@dataclass(frozen=True)
+class ExpertIds:
+    topk: ExpertTopk
+
+
+@dataclass(frozen=True)
+class ExpertValues:  # the top-k values of a biased selection: not weights
+    topk: ExpertTopk
+
+
+@dataclass(frozen=True)
+class Weights:
+    topk: ExpertTopk
+    from_masked: bool
+    arith_dtype: torch.dtype  # dtype of the weight arithmetic
+    dtype: torch.dtype  # dtype of this tensor
+    renorm_eps: float | None = None  # None: not renormalised
+    scale: float | None = None
+    how: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WeightSum:
+    of: Node
+    weights: Weights
+    eps: float | None = None
+
+
+@dataclass(frozen=True)
+class Tainted:
+    """Derived from routing scores by something the contract does not describe."""
+
+    root: Root
+    reason: str
+
+
+Meaning = Any
+
+
+def _root_of(meaning: Meaning) -> Root | None:
+    for attr in ("root", "sel", "score", "index", "topk", "weights", "source"):
+        inner = getattr(meaning, attr, None)
+        if isinstance(inner, Root):
+            return inner
+        if inner is not None:
+            return _root_of(inner)
+    return None
+
+
+def _describe(meaning: Meaning) -> str:
+    return type(meaning).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Analysis
+
+
+class RoutingAnalysis:
+    """Meanings of the nodes of one graph."""
+
+    # Taint only follows tensors that still look like routing (last dim E) for a few ops, so that
+    # the model downstream of the routing is not all marked.
+    _TAINT_DEPTH = 6
+
+    def __init__(self, graph: Graph) -> None:
+        self.meaning: dict[Node, Meaning] = {}
+        self.reasons: dict[Node, str] = {}  # why a node that consumes routing values has no meaning
+        self._taint_depth: dict[Node, int] = {}
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            meaning = self._interpret(node)
+            if meaning is not None:
+                self.meaning[node] = meaning
+
+    def of(self, arg: Any) -> Meaning | None:
+        return self.meaning.get(arg) if isinstance(arg, Node) else None
+
+    # ---- dispatch
+
+    def _interpret(self, node: Node) -> Meaning | None:
+        root = self._scoring_root(node)
+        if root is not None:
+            return root
+        inputs = [self.meaning[a] for a in node.all_input_nodes if a in self.meaning]
+        if not inputs:
+            return None
+        if any(isinstance(m, Tainted) for m in inputs):
+            return self._taint(node, next(m for m in inputs if isinstance(m, Tainted)).reason, inputs)
+        handler = _HANDLERS.get(node.target)
+        result = handler(self, node) if handler is not None else None
+        if result is None:
+            described = ", ".join(_describe(m) for m in inputs)
+            result = (f"{node.target} applied to the routing's {described} is not part of the routing contract "
+                      f"(node {node.name})")
+        if isinstance(result, str):
+            self.reasons[node] = result
+            return self._taint(node, result, inputs)
+        return result
+
+    def _taint(self, node: Node, reason: str, inputs: list[Meaning]) -> Tainted | None:
+        root = next((r for r in map(_root_of, inputs) if r is not None), None)
+        out = fake(node)
+        if root is None or out is None or out.dim() == 0 or not same_size(out.shape[-1], root.num_experts):
+            return None
+        depth = 1 + max((self._taint_depth.get(a, 0) for a in node.all_input_nodes), default=0)
+        if depth > self._TAINT_DEPTH:
+            return None
+        self._taint_depth[node] = depth
+        return Tainted(root, reason)
+
+    # ---- roots
+
+    def _scoring_root(self, node: Node) -> Sel | None:
+        if node.target == aten.sigmoid.default:
+            source, scoring = node.args[0], "sigmoid"
+        elif node.target == aten._softmax.default and is_last_dim(node.args[1], _ndim(node)):
+            source, scoring = node.args[0], "softmax"
+        elif node.target == aten.div.Tensor and _softmax_input(node) is not None:
+            source, scoring = _softmax_input(node), "softmax"
+        else:
+            return None
+        out = fake(node)
+        if out is None or out.dtype not in _FLOATS or out.dim() < 1:
+            return None
+        num_experts = static_int(out.shape[-1])
+        if num_experts is None:
+            return None
+        logits = source
+        if (isinstance(source, Node) and source.target == prims.convert_element_type.default
+                and out.dtype == torch.float32 and fake(source.args[0]) is not None
+                and fake(source.args[0]).dtype in _FLOATS):
+            logits = source.args[0]  # an exact upcast the fused op does itself
+        if fake(logits) is None or fake(logits).dtype not in _FLOATS:
+            return None
+        root = Root(node, logits, scoring, num_experts)
+        return Sel(root, out.dtype, None, out.dtype, None)
+
+    # ---- transfer rules (each returns a meaning, a refusal reason, or None)
+
+    def add(self, node: Node):
+        a, b = node.args[:2]
+        if node.kwargs.get("alpha", 1) != 1:
+            return None
+        ma, mb = self.of(a), self.of(b)
+        if isinstance(ma, WeightSum) or isinstance(mb, WeightSum):
+            total, eps = (ma, b) if isinstance(ma, WeightSum) else (mb, a)
+            eps = scalar_constant(eps)
+            if total.eps is not None or not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+                return "the renormalisation adds something other than one constant epsilon"
+            return replace(total, eps=float(eps))
+        sel, bias = (ma, b) if isinstance(ma, Sel) else (mb, a)
+        if not isinstance(sel, Sel) or sel.bias is not None or sel.group is not None:
+            return None
+        if self.of(bias) is not None or fake(bias) is None:
+            return "the scores are added to a tensor derived from the scores"
+        bias_shape, out = fake(bias).shape, fake(node)
+        if not (len(bias_shape) >= 1 and same_size(bias_shape[-1], sel.root.num_experts)
+                and all(same_size(d, 1) for d in bias_shape[:-1])):
+            return f"the tensor added to the scores has shape {list(bias_shape)}, not [E] (a per-expert bias)"
+        if not same_shape(out.shape, fake(node.args[0] if sel is ma else node.args[1]).shape):
+            return "the bias add broadcasts the scores"
+        return Sel(sel.root, sel.score_dtype, bias, out.dtype, None)
+
+    def reshape(self, node: Node):
+        m, out, source = self.of(node.args[0]), fake(node), fake(node.args[0])
+        if out is None or source is None or not same_size(out.numel(), source.numel()):
+            return None
+        if isinstance(m, (Sel, Masked)):
+            sel = m if isinstance(m, Sel) else m.sel
+            group = _grouping(out.shape, sel.root.num_experts)
+            if group is None:
+                return "a reshape that is neither a token reshape nor a [G, E/G] split of the experts"
+            if isinstance(m, Sel):
+                return replace(m, group=None if group == "flat" else group)
+            if group != "flat" and group != m.index.score.sel.group:
+                return "the masked scores are viewed with another grouping than the group scores"
+            return replace(m, grouped=group != "flat")
+        if isinstance(m, GroupIndicator):
+            layout = _indicator_layout(out.shape, m.index)
+            if layout is None:
+                return "the group mask is reshaped to a layout that is not [.., G], [.., G, 1], [.., G, P] or [.., E]"
+            return replace(m, layout=layout, how=m.how + ("reshape",))
+        if isinstance(m, (ExpertIds, Weights)) and same_size(out.shape[-1], source.shape[-1]):
+            return m  # token reshape of an output
+        return None
+
+    def identity(self, node: Node):
+        return self.of(node.args[0])
+
+    def unsqueeze(self, node: Node):
+        m, out = self.of(node.args[0]), fake(node)
+        if isinstance(m, GroupIndicator) and m.layout == "G" and is_last_dim(node.args[1], out.dim()):
+            return replace(m, layout="G1", how=m.how + ("unsqueeze",))
+        return None
+
+    def expand(self, node: Node):
+        m, out = self.of(node.args[0]), fake(node)
+        if isinstance(m, GroupIndicator) and m.layout == "G1" and _indicator_layout(out.shape, m.index) == "GP":
+            return replace(m, layout="GP", how=m.how + ("expand",))
+        return None
+
+    def convert(self, node: Node):
+        m, dtype = self.of(node.args[0]), node.args[1]
+        current = fake(node.args[0]).dtype
+        if dtype == current:
+            return m
+        if isinstance(m, Sel) and m.bias is None and m.group is None and dtype in _FLOATS:
+            if current == torch.float32 and m.score_dtype == torch.float32:
+                return replace(m, score_dtype=dtype, dtype=dtype)  # scores stored rounded to dtype
+            if dtype == torch.float32:
+                return replace(m, dtype=dtype)  # exact upcast of rounded scores
+            return "the scores are cast between 16-bit dtypes"
+        if isinstance(m, GroupIndicator):
+            cast = {torch.bool: bool}.get(dtype, float if dtype.is_floating_point else int)
+            return replace(m, kept=cast(m.kept), dropped=cast(m.dropped), how=m.how + (f"to({dtype})",))
+        if isinstance(m, Weights) and dtype in _FLOATS:
+            return replace(m, dtype=dtype, how=m.how + (f"to({str(dtype).replace('torch.', '')})",))
+        return f"a cast of the routing's {_describe(m)} to {dtype}"
+
+    def negate_mask(self, node: Node):
+        m = self.of(node.args[0])
+        if isinstance(m, GroupIndicator) and isinstance(m.kept, bool) and isinstance(m.dropped, bool):
+            return replace(m, kept=not m.kept, dropped=not m.dropped, how=m.how + ("not",))
+        return None
+
+    def compare_mask(self, node: Node):
+        m, value = self.of(node.args[0]), scalar_constant(node.args[1])
+        if not isinstance(m, GroupIndicator) or value is None:
+            return None
+        test = operator.eq if node.target == aten.eq.Scalar else operator.ne
+        return replace(m, kept=bool(test(m.kept, value)), dropped=bool(test(m.dropped, value)),
+                       how=m.how + (f"{'==' if test is operator.eq else '!='}{value}",))
+
+    def topk(self, node: Node):
+        m, out_ndim = self.of(node.args[0]), _ndim(node.args[0])
+        k = static_int(node.args[1])
+        dim = kwarg_or_arg(node, 2, "dim", -1)
+        largest = kwarg_or_arg(node, 3, "largest", True)
+        is_sorted = kwarg_or_arg(node, 4, "sorted", True)
+        if k is None:
+            return "top-k with a symbolic k"
+        if not largest:
+            return "top-k with largest=False"
+        if not is_last_dim(dim, out_ndim):
+            return "top-k over a dimension that is not the last"
+        if isinstance(m, Sel) and m.group is not None:
+            return GroupTopPair(m, k)
+        if isinstance(m, GroupScore) and out_ndim >= 1:
+            return GroupIndexPair(m, k)
+        if isinstance(m, Sel) or (isinstance(m, Masked) and not m.grouped):
+            return ExpertTopk(m, k, bool(is_sorted), node)
+        return None
+
+    def getitem(self, node: Node):
+        m, index = self.of(node.args[0]), node.args[1]
+        if isinstance(m, GroupTopPair) and index == 0:
+            return GroupTop(m.sel, m.m)
+        if isinstance(m, MaxPair) and index == 0:
+            return GroupScore(m.sel, 1, "max(-1).values")
+        if isinstance(m, GroupIndexPair) and index == 1:
+            return GroupIndex(m.score, m.topk_group)
+        if isinstance(m, ExpertTopk):
+            if index == 1:
+                return ExpertIds(m)
+            source = m.source.sel if isinstance(m.source, Masked) else m.source
+            if source.bias is None:  # the values are the (masked) scores: weights
+                return Weights(m, isinstance(m.source, Masked), source.dtype, source.dtype, how=("topk values",))
+            return ExpertValues(m)
+        return None
+
+    def sum(self, node: Node):
+        m = self.of(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else None
+        keepdim = kwarg_or_arg(node, 2, "keepdim", False)
+        if node.kwargs.get("dtype") is not None or dims is None or len(dims) != 1:
+            return None
+        if not is_last_dim(dims[0], _ndim(node.args[0])):
+            return None
+        if isinstance(m, GroupTop) and not keepdim:
+            return GroupScore(m.sel, m.m, f"topk({m.m}).values.sum(-1)")
+        if isinstance(m, Weights) and keepdim and m.renorm_eps is None and m.scale is None:
+            return WeightSum(node.args[0], m)
+        return None
+
+    def amax(self, node: Node):
+        m = self.of(node.args[0])
+        dims, keepdim = node.args[1], kwarg_or_arg(node, 2, "keepdim", False)
+        if isinstance(m, Sel) and m.group and len(dims) == 1 and is_last_dim(dims[0], _ndim(node.args[0])) and not keepdim:
+            return GroupScore(m, 1, "amax(-1)")
+        return None
+
+    def max_dim(self, node: Node):
+        m = self.of(node.args[0])
+        if isinstance(m, Sel) and m.group and is_last_dim(node.args[1], _ndim(node.args[0])) \
+                and not kwarg_or_arg(node, 2, "keepdim", False):
+            return MaxPair(m)
+        return None
+
+    def squeeze(self, node: Node):
+        m = self.of(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else None
+        dims = [dims] if isinstance(dims, int) else dims
+        if isinstance(m, GroupTop) and m.m == 1 and dims and len(dims) == 1 \
+                and is_last_dim(dims[0], _ndim(node.args[0])):
+            return GroupScore(m.sel, 1, "topk(1).values.squeeze(-1)")
+        return None
+
+    def scatter(self, node: Node):
+        base, dim, index = node.args[:3]
+        source = node.args[3]
+        m = self.of(index)
+        if not isinstance(m, GroupIndex) or self.of(base) is not None:
+            return None
+        if not is_last_dim(dim, _ndim(base)):
+            return "the group mask is scattered along a dimension that is not the last"
+        fill = _constant_fill(base)
+        value = scalar_constant(source) if node.target == aten.scatter.value else _constant_fill(source)
+        if fill is None or value is None:
+            return "the group mask is not built from constants"
+        base_shape, index_shape = fake(base).shape, fake(index).shape
+        groups = m.score.sel.group[0]
+        if not (same_size(base_shape[-1], groups) and same_shape(base_shape[:-1], index_shape[:-1])):
+            return "the group mask does not have one entry per group"
+        if value == fill:
+            return "the group mask writes the value it was filled with"
+        return GroupIndicator(m, value, fill, "G", ("scatter",))
+
+    def where(self, node: Node):
+        cond, x, y = node.args[:3]
+        return self._mask(node, cond, x, y)
+
+    def masked_fill(self, node: Node):
+        x, cond, value = node.args[:3]
+        return self._mask(node, cond, value, x)
+
+    def _mask(self, node: Node, cond: Any, if_true: Any, if_false: Any):
+        sel_arg, fill_arg = (if_true, if_false) if isinstance(self.of(if_true), Sel) else (if_false, if_true)
+        sel, fill, mask = self.of(sel_arg), scalar_constant(fill_arg), self.of(cond)
+        if not isinstance(sel, Sel):
+            return None
+        if not isinstance(mask, GroupIndicator) or not isinstance(mask.kept, bool) or mask.kept == mask.dropped:
+            return ("the scores are masked with a tensor that is not a group mask built from a top-k of group "
+                    "scores (the sum of each group's top-m scores, or its max)")
+        if fill is None or isinstance(fill, bool):
+            return "the dropped experts are filled with something that is not one constant"
+        if sel.flat() != mask.index.score.sel.flat():
+            return "the group mask was computed from other scores than the ones it masks"
+        if (sel_arg is if_true) != mask.kept:
+            return "the mask keeps the experts of dropped groups"
+        expected = {"E": None, "G1": sel.group, "GP": sel.group}.get(mask.layout, "bad")
+        if mask.layout == "E" and sel.group is not None or mask.layout != "E" and sel.group is None \
+                or expected == "bad" or (sel.group is not None and sel.group != mask.index.score.sel.group):
+            return f"the group mask (layout {mask.layout}) does not line up with the scores it masks"
+        out = fake(node)
+        if out.dtype != sel.dtype or not same_shape(out.shape, fake(sel_arg).shape):
+            return "masking changes the scores' dtype or shape"
+        how = mask.how + (f"fill {fill} on {'[.., G, P]' if sel.group else '[.., E]'}",)
+        return Masked(sel.flat(), mask.index, float(fill), sel.group is not None, how)
+
+    def gather(self, node: Node):
+        source, dim, index = node.args[:3]
+        ids, m = self.of(index), self.of(source)
+        if not isinstance(ids, ExpertIds) or not is_last_dim(dim, _ndim(source)):
+            return None
+        chosen = ids.topk.source.sel if isinstance(ids.topk.source, Masked) else ids.topk.source
+        if isinstance(m, Sel) and m.bias is None and m.group is None and m.root == chosen.root:
+            if m.score_dtype != chosen.score_dtype:
+                return "the weights are gathered from scores rounded differently from the selected ones"
+            return Weights(ids.topk, False, m.dtype, m.dtype, how=("gather(scores)",))
+        if isinstance(m, Masked) and m.sel.bias is None and not m.grouped and m.sel.root == chosen.root:
+            return Weights(ids.topk, True, m.sel.dtype, m.sel.dtype, how=("gather(masked scores)",))
+        return "the weights are gathered from a tensor that is not the routing scores"
+
+    def div(self, node: Node):
+        a, b = node.args[:2]
+        w, total = self.of(a), self.of(b)
+        if isinstance(w, Weights) and isinstance(total, WeightSum):
+            if total.of is not a or w.renorm_eps is not None or w.scale is not None or w.dtype != w.arith_dtype:
+                return "the weights are divided by the sum of other weights"
+            if fake(node).dtype != w.dtype:
+                return "the renormalisation changes the weights' dtype"
+            eps = total.eps or 0.0
+            return replace(w, renorm_eps=eps, how=w.how + (f"/ (sum + {eps})" if eps else "/ sum",))
+        return None
+
+    def mul(self, node: Node):
+        a, b = node.args[:2]
+        w, factor = (self.of(a), b) if isinstance(self.of(a), Weights) else (self.of(b), a)
+        factor = scalar_constant(factor)
+        if not isinstance(w, Weights) or factor is None or isinstance(factor, bool):
+            return None
+        if w.scale is not None or w.dtype != w.arith_dtype or fake(node).dtype != w.dtype:
+            return "the weights are scaled twice or after a cast"
+        if factor == 0:
+            return "the weights are multiplied by zero"
+        return replace(w, scale=float(factor), how=w.how + (f"* {factor}",))
+
+
+_HANDLERS = {
+    aten.add.Tensor: RoutingAnalysis.add,
+    aten.topk.default: RoutingAnalysis.topk,
+    operator.getitem: RoutingAnalysis.getitem,
+    aten.sum.dim_IntList: RoutingAnalysis.sum,
+    aten.amax.default: RoutingAnalysis.amax,
+    aten.max.dim: RoutingAnalysis.max_dim,
+    aten.squeeze.dim: RoutingAnalysis.squeeze,
+    aten.squeeze.dims: RoutingAnalysis.squeeze,
+    aten.scatter.value: RoutingAnalysis.scatter,
+    aten.scatter.src: RoutingAnalysis.scatter,
+    aten.unsqueeze.default: RoutingAnalysis.unsqueeze,
+    aten.expand.default: RoutingAnalysis.expand,
+    prims.convert_element_type.default: RoutingAnalysis.convert,
+    aten.bitwise_not.default: RoutingAnalysis.negate_mask,
+    aten.logical_not.default: RoutingAnalysis.negate_mask,
+    aten.eq.Scalar: RoutingAnalysis.compare_mask,
+    aten.ne.Scalar: RoutingAnalysis.compare_mask,
+    aten.where.self: RoutingAnalysis.where,
+    aten.masked_fill.Scalar: RoutingAnalysis.masked_fill,
+    aten.gather.default: RoutingAnalysis.gather,
+    aten.div.Tensor: RoutingAnalysis.div,
+    aten.mul.Tensor: RoutingAnalysis.mul,
+    **{op: RoutingAnalysis.reshape for op in RESHAPES},
+    **{op: RoutingAnalysis.identity for op in IDENTITIES},
+}
+
+
+def _ndim(node: Any) -> int:
+    value = fake(node)
+    return value.dim() if value is not None else -1
+
+
+def _softmax_input(div: Node) -> Node | None:
+    """x when `div` is the decomposed softmax exp(x - amax(x)) / sum(exp(x - amax(x))) over the last dim."""
+    numerator, denominator = div.args[:2]
+    if not (isinstance(numerator, Node) and numerator.target == aten.exp.default):
+        return None
+    shifted = numerator.args[0]
+    if not (isinstance(shifted, Node) and shifted.target == aten.sub.Tensor):
+        return None
+    x, row_max = shifted.args[:2]
+    ndim = _ndim(x)
+    if not (isinstance(row_max, Node) and row_max.target == aten.amax.default and row_max.args[0] is x
+            and list(row_max.args[1]) in ([-1], [ndim - 1]) and kwarg_or_arg(row_max, 2, "keepdim", False)):
+        return None
+    if not (isinstance(denominator, Node) and denominator.target == aten.sum.dim_IntList
+            and denominator.args[0] is numerator and list(denominator.args[1]) in ([-1], [ndim - 1])
+            and kwarg_or_arg(denominator, 2, "keepdim", False)):
+        return None
+    return x
+
+
+def _grouping(shape, num_experts: int):
+    """ "flat" for [.., E], (G, P) for [.., G, P] with G * P == E, else None."""
+    last = static_int(shape[-1]) if len(shape) else None
+    if last == num_experts:
+        return "flat"
+    if len(shape) >= 2 and last is not None and static_int(shape[-2]) is not None:
+        groups = static_int(shape[-2])
+        if groups * last == num_experts:
+            return groups, last
+    return None
+
+
+def _indicator_layout(shape, index: GroupIndex) -> str | None:
+    groups, size = index.score.sel.group
+    tail = tuple(static_int(d) for d in shape[-2:]) if len(shape) >= 2 else ()
+    if static_int(shape[-1]) == groups * size and size != 1:
+        return "E"
+    if tail == (groups, 1):
+        return "G1"
+    if tail == (groups, size):
+        return "GP"
+    if static_int(shape[-1]) == groups:
+        return "G"
+    return None
+
+
+def _constant_fill(node: Any):
+    """The fill value of a constant tensor built in the graph (full / full_like)."""
+    if isinstance(node, Node) and node.target in (aten.full.default, aten.full_like.default):
+        return node.args[1]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Rewrite
+
+
+@dataclass
+class _Plan:
+    topk: ExpertTopk
+    ids_nodes: list[Node]
+    weights_node: Node
+    weights: Weights
+    sel: Sel
+    params: dict[str, Any]
+    spelling: str
+
+
+def rewrite_routing(graph: Graph) -> tuple[list[Rewrite], list[Refusal]]:
+    analysis = RoutingAnalysis(graph)
+    rewrites, refusals = [], []
+    for node in list(graph.nodes):
+        meaning = analysis.meaning.get(node)
+        location = describe_location(node)
+        if isinstance(meaning, ExpertTopk):
+            plan = _plan(analysis, meaning)
+            if isinstance(plan, str):
+                refusals.append(Refusal(PASS_NAME, location, plan))
+                continue
+            try:
+                _emit(graph, plan)
+            except _Unsupported as err:
+                refusals.append(Refusal(PASS_NAME, location, str(err)))
+                continue
+            rewrites.append(Rewrite(PASS_NAME, location, plan.spelling, plan.params))
+        elif node.target == aten.topk.default and isinstance(analysis.of(node.args[0]), Tainted):
+            refusals.append(Refusal(PASS_NAME, location, analysis.of(node.args[0]).reason))
+    if rewrites:
+        graph.eliminate_dead_code()
+        graph.lint()
+    return rewrites, refusals
+
+
+def _plan(analysis: RoutingAnalysis, topk: ExpertTopk) -> _Plan | str:
+    derived = [n for n, m in analysis.meaning.items()
+               if isinstance(m, (ExpertIds, ExpertValues, Weights)) and m.topk is topk
+               or isinstance(m, WeightSum) and m.weights.topk is topk]
+    derived_set = set(derived)
+    escaping = [n for n in derived if any(u not in derived_set for u in n.users)]
+    ids_nodes = [n for n in escaping if isinstance(analysis.meaning[n], ExpertIds)]
+    weight_nodes = [n for n in escaping if isinstance(analysis.meaning[n], Weights)]
+    others = [n for n in escaping if n not in ids_nodes and n not in weight_nodes]
+    if others:
+        return (f"{_describe(analysis.meaning[others[0]])} of the routing (node {others[0].name}) is used outside "
+                f"the routing; the fused op cannot produce it")
+    if not weight_nodes:
+        users = sorted({u.name for n in derived for u in n.users if u not in derived_set})
+        reasons = {analysis.reasons[u] for n in derived for u in n.users if u in analysis.reasons}
+        detail = f": {'; '.join(sorted(reasons))}" if reasons else f" (the picks are used by {', '.join(users)})"
+        return f"no routing weights computed by the contract leave the subgraph{detail}"
+    if len({analysis.meaning[n] for n in weight_nodes}) > 1:
+        return "the routing weights are used in more than one state (e.g. before and after scaling)"
+    weights_node = weight_nodes[0]
+    weights = analysis.meaning[weights_node]
+
+    source = topk.source
+    sel = source.sel if isinstance(source, Masked) else source
+    if isinstance(source, Masked):
+        score = source.index.score
+        groups, group_size = score.sel.group
+        topk_group, group_score_topk, masked_score = source.index.topk_group, score.m, source.fill
+    else:
+        groups, group_size, topk_group, group_score_topk, masked_score = 1, sel.root.num_experts, 1, 1, float("-inf")
+    if weights.arith_dtype != sel.score_dtype:
+        return (f"the weight arithmetic runs in {weights.arith_dtype} but the scores are stored in "
+                f"{sel.score_dtype}; the fused op does both in one dtype")
+    bias_dtype = fake(sel.bias).dtype if sel.bias is not None else None
+    expected_sel_dtype = sel.score_dtype if bias_dtype in (None, sel.score_dtype) else torch.float32
+    if sel.dtype != expected_sel_dtype:
+        return f"the selection scores are {sel.dtype}, but scores in {sel.score_dtype} plus a {bias_dtype} bias " \
+               f"give {expected_sel_dtype}"
+    logits_dtype = fake(sel.root.logits).dtype
+    if bias_dtype is not None and bias_dtype not in (torch.float32, logits_dtype):
+        return f"the bias is {bias_dtype}; the fused op takes a float32 bias or one in the logits' dtype"
+
+    params = dict(
+        num_expert_group=groups,
+        topk_group=topk_group,
+        topk=topk.k,
+        scoring_func=sel.root.scoring,
+        group_score_topk=group_score_topk,
+        masked_score=masked_score,
+        renormalize=weights.renorm_eps is not None,
+        renormalize_eps=weights.renorm_eps or 0.0,
+        routed_scaling_factor=weights.scale if weights.scale is not None else 1.0,
+        weights_from_masked_scores=weights.from_masked,
+        compute_dtype=None if sel.score_dtype == torch.float32 else sel.score_dtype,
+        weights_dtype=weights.dtype,
+        has_bias=sel.bias is not None,
+    )
+    error = _op_rejects(sel, params)
+    if error:
+        return error
+    spelling = "; ".join(filter(None, [
+        f"{sel.root.scoring}({str(sel.score_dtype).removeprefix('torch.')})",
+        "+ bias" if sel.bias is not None else "",
+        f"groups {groups}x{group_size}: {source.index.score.how}" if isinstance(source, Masked) else "no groups",
+        " -> ".join(source.how) if isinstance(source, Masked) else "",
+        f"topk(k={topk.k}, sorted={topk.sorted})",
+        " ".join(weights.how),
+    ]))
+    return _Plan(topk, ids_nodes, weights_node, weights, sel, params, spelling)
+
+
+def _op_rejects(sel: Sel, params: dict[str, Any]) -> str | None:
+    from ops.gate import check_gate_args
+
+    try:
+        check_gate_args(fake(sel.root.logits), fake(sel.bias) if sel.bias is not None else None,
+                        params["num_expert_group"], params["topk_group"], params["topk"], params["scoring_func"],
+                        params["group_score_topk"], params["masked_score"], params["renormalize"],
+                        params["renormalize_eps"], params["routed_scaling_factor"], 0, False,
+                        params["weights_from_masked_scores"], params["compute_dtype"], params["weights_dtype"],
+                        torch.int64)
+    except ValueError as err:
+        return f"the fused op does not support this configuration: {err}"
+    return None
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _emit(graph: Graph, plan: _Plan) -> None:
+    sel, params = plan.sel, plan.params
+    num_experts = sel.root.num_experts
+    logits, bias = sel.root.logits, sel.bias
+    fake_mode = detect_fake_mode([fake(logits)])
+    output_shape = fake(plan.weights_node).shape
+    for node in plan.ids_nodes:
+        if not same_shape(fake(node).shape, output_shape):
+            raise _Unsupported("the ids and the weights leave the routing in different shapes")
+    tokens = output_shape[:-1]
+
+    def call(target_op, args, value_fn):
+        new = graph.call_function(target_op, args)
+        with fake_mode:
+            new.meta["val"] = value_fn()
+        return new
+
+    anchor = plan.topk.node.next
+    with graph.inserting_before(anchor):
+        gate_input = logits
+        if not same_shape(fake(logits).shape, (*tokens, num_experts)):
+            gate_input = call(aten.reshape.default, (logits, _shape_arg(tokens, num_experts)),
+                              lambda: fake(logits).reshape(*tokens, num_experts))
+        gate_bias = bias
+        if bias is not None and fake(bias).dim() != 1:
+            gate_bias = call(aten.reshape.default, (bias, [num_experts]), lambda: fake(bias).reshape(num_experts))
+        args = (gate_input, gate_bias, params["num_expert_group"], params["topk_group"], params["topk"],
+                params["scoring_func"], params["group_score_topk"], params["masked_score"], params["renormalize"],
+                params["renormalize_eps"], params["routed_scaling_factor"], 0, False,
+                params["weights_from_masked_scores"], params["compute_dtype"], params["weights_dtype"], torch.int64)
+        op = torch.ops.moe_fusion.moe_fused_gate.default
+        fused = call(op, args, lambda: op(*[fake(a) if isinstance(a, Node) else a for a in args]))
+        weights = call(operator.getitem, (fused, 0), lambda: fused.meta["val"][0])
+        ids = call(operator.getitem, (fused, 1), lambda: fused.meta["val"][1])
+    plan.weights_node.replace_all_uses_with(weights)
+    for node in plan.ids_nodes:
+        node.replace_all_uses_with(ids)
+
+
+def _shape_arg(tokens, num_experts: int) -> list:
+    dims = [static_int(d) for d in tokens]
+    if all(d is not None for d in dims):
+        return [*dims, num_experts]
+    if len(dims) == 1:
+        return [-1, num_experts]
+    raise _Unsupported("the routing outputs have several symbolic token dimensions that differ from the logits'")
