@@ -1,0 +1,52 @@
+"""Tiny random HF transformers MoE models (DeepSeek-V3, GLM-4.5, DeepSeek-V2) for demos, the
+inspector and tests. Requires transformers >= 5 (an optional dependency)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+KINDS = ("deepseek_v3", "glm4_moe", "deepseek_v2")
+
+_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, first_k_dense_replace=0,
+               n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
+_MLA = dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+_PER_KIND = {
+    "deepseek_v3": dict(_MLA, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True),
+    "glm4_moe": dict(n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, head_dim=16),
+    "deepseek_v2": dict(_MLA, n_shared_experts=2, routed_scaling_factor=16.0, topk_method="group_limited_greedy",
+                        n_group=4, topk_group=2),
+}
+
+
+def tiny_hf_moe(kind: str = "deepseek_v3", experts_implementation: str = "grouped_mm", seed: int = 0,
+                **overrides: Any) -> torch.nn.Module:
+    """A randomly initialised tiny `kind` causal LM in eval mode.
+
+    Router weights and score-correction biases get random values (the HF init leaves the bias at
+    zero, which would hide bias handling).
+    """
+    import transformers
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    config_class, model_class = {
+        "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+        "glm4_moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM),
+        "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+    }[kind]
+    config = config_class(**{**_COMMON, **_PER_KIND[kind], **overrides})
+    config._experts_implementation = experts_implementation
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_class(config).eval()
+    for module in model.modules():
+        if type(module).__name__.endswith("TopkRouter"):
+            module.weight.data = torch.randn(module.weight.shape, generator=generator) * 0.5
+            bias = getattr(module, "e_score_correction_bias", None)
+            if bias is not None:
+                bias.copy_(torch.randn(bias.shape, generator=generator) * 0.3)
+    return model
