@@ -79,9 +79,8 @@ GateConfig make_gate_config(
     const at::Tensor& b = *bias;
     TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == E, "moe_fused_gate: bias must have shape [E] = [", E,
                       "], got ", b.sizes());
-    TORCH_CHECK_VALUE(b.scalar_type() == at::kFloat || b.scalar_type() == logits.scalar_type(),
-                      "moe_fused_gate: bias must be float32 or the logits' dtype (", logits.scalar_type(),
-                      "), got ", b.scalar_type());
+    TORCH_CHECK_VALUE(is_float_dtype(b.scalar_type()), "moe_fused_gate: bias must be float32, bfloat16 or float16, got ",
+                      b.scalar_type());
     TORCH_CHECK_VALUE(b.device() == logits.device(), "moe_fused_gate: bias must be on the logits' device (",
                       logits.device(), "), got ", b.device());
   }

@@ -104,6 +104,18 @@ C10_HOST_DEVICE inline uint32_t order_key(float x) {
 
 constexpr uint32_t kRemovedKey = 0u;
 
+// Inverse of order_key (NaN comes back as NaN, -0.0 as +0.0).
+C10_HOST_DEVICE inline float key_value(uint32_t key) {
+  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
 C10_HOST_DEVICE inline float sigmoid_of(float x) {
   // The same formula as PyTorch's eager kernels, with accurate exp and division.
 #ifdef __CUDA_ARCH__

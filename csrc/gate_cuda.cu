@@ -30,12 +30,6 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
-__device__ __forceinline__ float key_value(uint32_t key) {
-  // Inverse of order_key (NaN comes back as NaN, -0.0 as +0.0).
-  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
-  return __uint_as_float(bits);
-}
-
 __device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 
 __device__ __forceinline__ float warp_nan_max(float v) {

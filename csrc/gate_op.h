@@ -34,7 +34,13 @@ inline void run_gate(GateKernel kernel, const at::Tensor& logits, const c10::opt
   if (weights.numel() == 0) return;  // T == 0
   at::Tensor logits2d = logits.reshape({-1, cfg.num_experts});
   if (logits2d.stride(1) != 1) logits2d = logits2d.contiguous();
-  at::Tensor bias1d = bias.has_value() ? bias->contiguous() : at::Tensor();
+  // Kernels read the bias as float32 or in the logits' dtype; any other float dtype converts exactly
+  // to float32 (the rounding rule of cfg already follows the bias' own dtype).
+  at::Tensor bias1d;
+  if (bias.has_value()) {
+    const bool readable = bias->scalar_type() == at::kFloat || bias->scalar_type() == logits.scalar_type();
+    bias1d = readable ? bias->contiguous() : bias->to(at::kFloat).contiguous();
+  }
   at::Tensor w2d = weights.view({-1, K});
   at::Tensor i2d = ids.view({-1, K});
   kernel(logits2d, bias1d, cfg, w2d, i2d);

@@ -11,7 +11,7 @@
 import ops  # noqa: F401  (the fused ops the rewrites emit)
 from torch._dynamo import register_backend
 
-from .backend import FusionPass, backend, enabled_rewrites, install, make_backend
+from .inductor_backend import FusionPass, backend, enabled_rewrites, install, make_backend
 from .explain import explain
 from .report import GraphReport, Refusal, Report, Rewrite
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .backend import make_backend
+from .inductor_backend import make_backend
 from .report import Report, collector
 
 

@@ -310,7 +310,8 @@ class RoutingAnalysis:
             return None
         if isinstance(m, (Sel, Masked)):
             sel = m if isinstance(m, Sel) else m.sel
-            group = _grouping(out.shape, sel.root.num_experts)
+            current = m.group if isinstance(m, Sel) else (m.index.score.sel.group if m.grouped else None)
+            group = _regroup(source.shape, out.shape, sel.root.num_experts, current)
             if group is None:
                 return "a reshape that is neither a token reshape nor a [G, E/G] split of the experts"
             if isinstance(m, Sel):
@@ -319,7 +320,7 @@ class RoutingAnalysis:
                 return "the masked scores are viewed with another grouping than the group scores"
             return replace(m, grouped=group != "flat")
         if isinstance(m, GroupIndicator):
-            layout = _indicator_layout(out.shape, m.index)
+            layout = _indicator_reshape(m.layout, source.shape, out.shape, m.index.score.sel.group)
             if layout is None:
                 return "the group mask is reshaped to a layout that is not [.., G], [.., G, 1], [.., G, P] or [.., E]"
             return replace(m, layout=layout, how=m.how + ("reshape",))
@@ -338,7 +339,9 @@ class RoutingAnalysis:
 
     def expand(self, node: Node):
         m, out = self.of(node.args[0]), fake(node)
-        if isinstance(m, GroupIndicator) and m.layout == "G1" and _indicator_layout(out.shape, m.index) == "GP":
+        if isinstance(m, GroupIndex) and m.topk_group == 1:
+            return m  # broadcasting the single kept group's id (Inductor's one-hot scatter)
+        if isinstance(m, GroupIndicator) and m.layout == "G1" and _tail(out.shape) == m.index.score.sel.group:
             return replace(m, layout="GP", how=m.how + ("expand",))
         return None
 
@@ -373,6 +376,17 @@ class RoutingAnalysis:
         test = operator.eq if node.target == aten.eq.Scalar else operator.ne
         return replace(m, kept=bool(test(m.kept, value)), dropped=bool(test(m.dropped, value)),
                        how=m.how + (f"{'==' if test is operator.eq else '!='}{value}",))
+
+    def one_hot(self, node: Node):
+        """eq(kept group id, arange(G)): Inductor's decomposition of a scatter with one index column."""
+        a, b = node.args[:2]
+        index, other = (self.of(a), b) if isinstance(self.of(a), GroupIndex) else (self.of(b), a)
+        if not isinstance(index, GroupIndex) or index.topk_group != 1:
+            return None
+        groups = index.score.sel.group[0]
+        if not _is_arange_row(other, groups) or static_int(fake(node).shape[-1]) != groups:
+            return None
+        return GroupIndicator(index, True, False, "G", ("one-hot",))
 
     def topk(self, node: Node):
         m, out_ndim = self.of(node.args[0]), _ndim(node.args[0])
@@ -432,6 +446,18 @@ class RoutingAnalysis:
             return GroupScore(m, 1, "amax(-1)")
         return None
 
+    def mean(self, node: Node):
+        m = self.of(node.args[0])
+        dims, keepdim = node.args[1], kwarg_or_arg(node, 2, "keepdim", False)
+        if not (isinstance(m, Sel) and m.group and len(dims) == 1 and is_last_dim(dims[0], _ndim(node.args[0]))
+                and not keepdim and node.kwargs.get("dtype") is None):
+            return None
+        size = m.group[1]
+        if size & (size - 1):
+            return (f"the group score is a mean over {size} experts: dividing by a size that is not a power of "
+                    f"two rounds, so it may not rank groups as their sum does")
+        return GroupScore(m, size, "mean(-1)")  # sum / 2^j ranks exactly as the sum
+
     def max_dim(self, node: Node):
         m = self.of(node.args[0])
         if isinstance(m, Sel) and m.group and is_last_dim(node.args[1], _ndim(node.args[0])) \
@@ -470,6 +496,10 @@ class RoutingAnalysis:
 
     def where(self, node: Node):
         cond, x, y = node.args[:3]
+        mask, if_true, if_false = self.of(cond), scalar_constant(x), scalar_constant(y)
+        if isinstance(mask, GroupIndicator) and None not in (if_true, if_false) and isinstance(mask.kept, bool):
+            return replace(mask, kept=if_true if mask.kept else if_false,
+                           dropped=if_true if mask.dropped else if_false, how=mask.how + ("where",))
         return self._mask(node, cond, x, y)
 
     def masked_fill(self, node: Node):
@@ -528,6 +558,9 @@ class RoutingAnalysis:
 
     def mul(self, node: Node):
         a, b = node.args[:2]
+        if any(isinstance(self.of(x), GroupIndicator) for x in (a, b)):
+            return ("the scores are multiplied by the group mask: unlike masking, that gives NaN rather than "
+                    "the fill for NaN or infinite scores, which the fused op does not reproduce")
         w, factor = (self.of(a), b) if isinstance(self.of(a), Weights) else (self.of(b), a)
         factor = scalar_constant(factor)
         if not isinstance(w, Weights) or factor is None or isinstance(factor, bool):
@@ -546,6 +579,7 @@ _HANDLERS = {
     aten.sum.dim_IntList: RoutingAnalysis.sum,
     aten.amax.default: RoutingAnalysis.amax,
     aten.max.dim: RoutingAnalysis.max_dim,
+    aten.mean.dim: RoutingAnalysis.mean,
     aten.squeeze.dim: RoutingAnalysis.squeeze,
     aten.squeeze.dims: RoutingAnalysis.squeeze,
     aten.scatter.value: RoutingAnalysis.scatter,
@@ -556,6 +590,7 @@ _HANDLERS = {
     aten.bitwise_not.default: RoutingAnalysis.negate_mask,
     aten.logical_not.default: RoutingAnalysis.negate_mask,
     aten.eq.Scalar: RoutingAnalysis.compare_mask,
+    aten.eq.Tensor: RoutingAnalysis.one_hot,
     aten.ne.Scalar: RoutingAnalysis.compare_mask,
     aten.where.self: RoutingAnalysis.where,
     aten.masked_fill.Scalar: RoutingAnalysis.masked_fill,
@@ -592,30 +627,55 @@ def _softmax_input(div: Node) -> Node | None:
     return x
 
 
-def _grouping(shape, num_experts: int):
-    """ "flat" for [.., E], (G, P) for [.., G, P] with G * P == E, else None."""
-    last = static_int(shape[-1]) if len(shape) else None
-    if last == num_experts:
-        return "flat"
-    if len(shape) >= 2 and last is not None and static_int(shape[-2]) is not None:
-        groups = static_int(shape[-2])
-        if groups * last == num_experts:
-            return groups, last
-    return None
+def _tail(shape) -> tuple[int | None, int | None] | None:
+    return (static_int(shape[-2]), static_int(shape[-1])) if len(shape) >= 2 else None
 
 
-def _indicator_layout(shape, index: GroupIndex) -> str | None:
-    groups, size = index.score.sel.group
-    tail = tuple(static_int(d) for d in shape[-2:]) if len(shape) >= 2 else ()
-    if static_int(shape[-1]) == groups * size and size != 1:
-        return "E"
-    if tail == (groups, 1):
+def _regroup(source, out, num_experts: int, group: tuple[int, int] | None):
+    """How a reshape of a [.., E] (group None) or [.., G, P] tensor lays out the experts: "flat",
+    (G, P), or None. With G == 1, [.., 1, E] and [.., E] hold the same data; the unit dim counts as
+    the group dim when the reshape inserts it (or keeps it, for a grouped input)."""
+    last, tail = static_int(out[-1]), _tail(out)
+    if group is None:
+        if tail and None not in tail and tail[1] != num_experts and tail[0] * tail[1] == num_experts:
+            return tail
+        if last == num_experts and tail and tail[0] == 1 and (len(out) > len(source) or static_int(source[-2]) != 1):
+            return 1, num_experts
+        return "flat" if last == num_experts else None
+    if group[0] > 1:
+        if tail == group:
+            return group
+        return "flat" if last == num_experts else None
+    if last != num_experts:
+        return None
+    return group if len(out) == len(source) and tail[0] == 1 else "flat"
+
+
+def _indicator_reshape(layout: str, source, out, group: tuple[int, int]) -> str | None:
+    """The layout of a reshaped group mask (see GroupIndicator.layout), or None. Per-expert layouts
+    (GP, E) stay per-expert and per-group ones (G, G1) per-group. Only with G == 1 do [.., 1, E] and
+    [.., E] (or [.., 1, 1] and [.., 1]) look alike: then an added dim means the grouped layout."""
+    groups, size = group
+    tail, last = _tail(out), static_int(out[-1])
+    grown = len(out) >= len(source) + (layout in ("E", "G"))
+    if layout in ("GP", "E"):
+        if tail == group and (groups > 1 or grown):
+            return "GP"
+        return "E" if last == groups * size else None
+    if tail == (groups, 1) and (groups > 1 or grown):
         return "G1"
-    if tail == (groups, size):
-        return "GP"
-    if static_int(shape[-1]) == groups:
-        return "G"
-    return None
+    return "G" if last == groups else None
+
+
+def _is_arange_row(node: Any, length: int) -> bool:
+    """Whether node is iota(length) (0, 1, .., length-1), possibly reshaped to [1, .., 1, length]."""
+    if isinstance(node, Node) and node.target in RESHAPES:
+        shape = fake(node).shape
+        if any(static_int(d) != 1 for d in shape[:-1]):
+            return False
+        node = node.args[0]
+    return (isinstance(node, Node) and node.target == prims.iota.default and node.args[0] == length
+            and node.kwargs.get("start", 0) == 0 and node.kwargs.get("step", 1) == 1)
 
 
 def _constant_fill(node: Any):
@@ -647,7 +707,10 @@ def rewrite_routing(graph: Graph) -> tuple[list[Rewrite], list[Refusal]]:
         meaning = analysis.meaning.get(node)
         location = describe_location(node)
         if isinstance(meaning, ExpertTopk):
-            plan = _plan(analysis, meaning)
+            try:
+                plan = _plan(analysis, meaning)
+            except Exception as err:  # a bug here must not break the user's compile
+                plan = f"internal error while analysing this routing ({type(err).__name__}: {err})"
             if isinstance(plan, str):
                 refusals.append(Refusal(PASS_NAME, location, plan))
                 continue
@@ -686,6 +749,12 @@ def _plan(analysis: RoutingAnalysis, topk: ExpertTopk) -> _Plan | str:
         return "the routing weights are used in more than one state (e.g. before and after scaling)"
     weights_node = weight_nodes[0]
     weights = analysis.meaning[weights_node]
+    if not topk.sorted:
+        positional = _order_dependent_use([weights_node, *ids_nodes], topk.k)
+        if positional is not None:
+            return (f"the top-k is unsorted (sorted=False) and {positional.target} (node {positional.name}) reads "
+                    f"its outputs by position: eager's order is unspecified and may differ from the fused op's "
+                    f"descending order")
 
     source = topk.source
     sel = source.sel if isinstance(source, Masked) else source
@@ -703,9 +772,6 @@ def _plan(analysis: RoutingAnalysis, topk: ExpertTopk) -> _Plan | str:
     if sel.dtype != expected_sel_dtype:
         return f"the selection scores are {sel.dtype}, but scores in {sel.score_dtype} plus a {bias_dtype} bias " \
                f"give {expected_sel_dtype}"
-    logits_dtype = fake(sel.root.logits).dtype
-    if bias_dtype is not None and bias_dtype not in (torch.float32, logits_dtype):
-        return f"the bias is {bias_dtype}; the fused op takes a float32 bias or one in the logits' dtype"
 
     params = dict(
         num_expert_group=groups,
@@ -736,11 +802,45 @@ def _plan(analysis: RoutingAnalysis, topk: ExpertTopk) -> _Plan | str:
     return _Plan(topk, ids_nodes, weights_node, weights, sel, params, spelling)
 
 
+_POSITIONAL = {aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.split.Tensor,
+               aten.split_with_sizes.default, aten.unbind.int, aten.cumsum.default, aten.flip.default,
+               aten.roll.default}
+
+
+def _order_dependent_use(outputs: list[Node], k: int, depth: int = 8) -> Node | None:
+    """An op within `depth` uses of the routing outputs that reads positions along a dim of size k."""
+    seen: set[Node] = set()
+    frontier = list(outputs)
+    for _ in range(depth):
+        following = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                following.append(user)
+                if user.target not in _POSITIONAL or fake(user.args[0]) is None:
+                    continue
+                shape = fake(user.args[0]).shape
+                dim = kwarg_or_arg(user, 1, "dim", 0)
+                if not isinstance(dim, int) or not -len(shape) <= dim < len(shape) or static_int(shape[dim]) != k:
+                    continue
+                if user.target == aten.slice.Tensor:
+                    start, end = kwarg_or_arg(user, 2, "start", None), kwarg_or_arg(user, 3, "end", None)
+                    step = kwarg_or_arg(user, 4, "step", 1)
+                    if start in (None, 0) and (end is None or (isinstance(end, int) and end >= k)) and step == 1:
+                        continue  # the whole dim
+                return user
+        frontier = following
+    return None
+
+
 def _op_rejects(sel: Sel, params: dict[str, Any]) -> str | None:
     from ops.gate import check_gate_args
 
+    bias = fake(sel.bias).reshape(-1) if sel.bias is not None else None
     try:
-        check_gate_args(fake(sel.root.logits), fake(sel.bias) if sel.bias is not None else None,
+        check_gate_args(fake(sel.root.logits), bias,
                         params["num_expert_group"], params["topk_group"], params["topk"], params["scoring_func"],
                         params["group_score_topk"], params["masked_score"], params["renormalize"],
                         params["renormalize_eps"], params["routed_scaling_factor"], 0, False,

@@ -80,8 +80,8 @@ def check_gate_args(
     if bias is not None:
         if bias.dim() != 1 or int(bias.shape[0]) != num_experts:
             fail(f"bias must have shape [E] = [{num_experts}], got {list(bias.shape)}")
-        if bias.dtype not in (torch.float32, logits.dtype):
-            fail(f"bias must be float32 or the logits' dtype ({logits.dtype}), got {bias.dtype}")
+        if bias.dtype not in _FLOAT_DTYPES:
+            fail(f"bias must be float32, bfloat16 or float16, got {bias.dtype}")
         if bias.device != logits.device:
             fail(f"bias must be on the logits' device ({logits.device}), got {bias.device}")
     if compute_dtype not in (None, *_FLOAT_DTYPES):

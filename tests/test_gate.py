@@ -36,7 +36,7 @@ def gate_cases(draw):
     topk_group = draw(st.integers(1, groups))
     topk = draw(st.integers(1, min(64, topk_group * group_size)))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-    bias_dtype = draw(st.sampled_from([None, torch.float32, dtype]))
+    bias_dtype = draw(st.sampled_from([None, torch.float32, torch.bfloat16, torch.float16]))
     options = dict(
         scoring_func=draw(st.sampled_from(["sigmoid", "softmax"])),
         group_score_topk=draw(st.integers(1, min(group_size, 4))),
@@ -233,7 +233,7 @@ BAD_ARGUMENTS = [
     (dict(routed_scaling_factor=0.0), "routed_scaling_factor must be finite and non-zero"),
     (dict(num_fused_shared_experts=-1), "num_fused_shared_experts must be >= 0"),
     (dict(bias=torch.randn(63)), "bias must have shape [E] = [64]"),
-    (dict(bias=torch.randn(64, dtype=torch.float64)), "bias must be float32 or the logits' dtype"),
+    (dict(bias=torch.randn(64, dtype=torch.float64)), "bias must be float32, bfloat16 or float16"),
     (dict(logits=torch.randint(0, 5, (4, 64))), "logits must be float32, bfloat16 or float16"),
     (dict(weights_from_masked_scores=True), "weights_from_masked_scores requires bias=None"),
     (dict(compute_dtype=torch.float64), "compute_dtype must be None, float32, bfloat16 or float16"),

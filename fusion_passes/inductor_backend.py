@@ -18,7 +18,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from .report import GraphReport, collector, op_counts
+from .report import GraphReport, Refusal, collector, logger, op_counts
 from .routing import rewrite_routing
 
 REWRITES: dict[str, Callable] = {"routing": rewrite_routing}
@@ -48,7 +48,11 @@ class FusionPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         report = GraphReport(next(_graph_counter), graph_before=str(graph), ops_before=op_counts(graph))
         for name in self.rewrites:
-            rewrites, refusals = REWRITES[name](graph)
+            try:
+                rewrites, refusals = REWRITES[name](graph)
+            except Exception as err:  # a bug in a rewrite must not break the user's compile
+                logger.warning("moe_fusion: the %s rewrite failed and was skipped: %r", name, err)
+                rewrites, refusals = [], [Refusal(name, "graph", f"internal error: {type(err).__name__}: {err}")]
             report.rewrites += rewrites
             report.refusals += refusals
         if self.chained is not None:

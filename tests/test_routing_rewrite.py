@@ -1,0 +1,243 @@
+"""The routing rewrite: every spelling in the zoo compiled with the backend and compared with the
+reference contract (and so with eager), look-alikes left alone, caches, dynamic shapes, HF models."""
+
+from __future__ import annotations
+
+import logging
+
+import expecttest
+import pytest
+import torch
+from compile_checks import (
+    assert_same_routing,
+    compile_with_report,
+    fused_op_calls,
+    internal_errors,
+    no_compile_caches,
+    normalized_ops,
+)
+from routing_zoo import CASES, compare_with_reference, make_inputs
+
+import fusion_passes
+from fusion_passes import routing
+from fusion_passes.example_model import ExampleConfig, ExampleMoEModel, Router
+
+GATE = "moe_fusion::moe_fused_gate"
+
+# Spellings that compute the routing but that the pass refuses on purpose, with the reason it reports.
+DELIBERATE_REFUSALS = {
+    # scores * mask gives NaN where masking gives the fill (NaN or infinite scores).
+    "var_multiplicative_mask": "multiplied by the group mask",
+    # top-k over raw logits then softmax over the k: softmax rounding can tie scores whose logits
+    # differ, and ties break differently; no scoring node precedes the selection, so no report.
+    "megatron_group_limited_softmax_post_topk_m1": None,
+}
+REWRITTEN = [c for c in CASES if c.expected is not None and c.name not in DELIBERATE_REFUSALS]
+LOOK_ALIKES = [c for c in CASES if c.expected is None or c.name in DELIBERATE_REFUSALS]
+
+
+@pytest.mark.parametrize("case", REWRITTEN, ids=[c.name for c in REWRITTEN])
+def test_spelling_is_rewritten_and_matches_the_contract(case):
+    module = case.make_module()
+    hidden = make_inputs(case)
+    compiled, outputs, report = compile_with_report(module, hidden)
+    assert not internal_errors(report)
+    assert report.count("routing") == 1, [r.reason for r in report.refusals]
+    params = report.rewrites[0].params
+    assert {k: params[k] for k in case.expected} == case.expected
+    assert "moe_fusion.moe_fused_gate" in report.graphs[-1].graph_after
+    with torch.no_grad():
+        assert fused_op_calls(compiled, hidden) == {GATE: 1}
+    tokens, ties, problems = compare_with_reference(case, case.expected, module, hidden, tuple(outputs))
+    assert not problems, problems[:3]
+    with torch.no_grad():
+        eager = module(hidden)
+    for name, got, want in zip(case.outputs, outputs, eager):
+        if name not in ("weights", "ids"):  # other outputs (logits, scores) are left as they were
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", LOOK_ALIKES, ids=[c.name for c in LOOK_ALIKES])
+def test_look_alike_is_left_alone(case):
+    module = case.make_module()
+    hidden = make_inputs(case)
+    compiled, outputs, report = compile_with_report(module, hidden)
+    assert not internal_errors(report)
+    assert report.count("routing") == 0
+    with torch.no_grad():
+        assert GATE not in fused_op_calls(compiled, hidden)
+        eager = module(hidden)
+    expected_reason = DELIBERATE_REFUSALS.get(case.name)
+    if expected_reason:
+        assert any(expected_reason in r.reason for r in report.refusals), [r.reason for r in report.refusals]
+    for got, want in zip(outputs, eager):
+        if got.dtype == torch.float32:  # bf16 look-alikes: Inductor's fp32 intermediates round differently
+            torch.testing.assert_close(got, want)
+
+
+DYNAMIC_CASES = ["hf_deepseek_v3_router", "deepseek_v3_official_gate_bf16", "torchtitan_router_node_limited_3d",
+                 "hf_deepseek_v2_group_limited_greedy", "var_3d_unflatten_softmax_values"]
+
+
+@pytest.mark.parametrize("name", DYNAMIC_CASES)
+def test_dynamic_token_count(name):
+    case = next(c for c in CASES if c.name == name)
+    module = case.make_module()
+    first = make_inputs(case)
+    compiled, _, report = compile_with_report(module, first, dynamic=True)
+    assert report.count("routing") == 1, [r.reason for r in report.refusals]
+    for seed, scale in ((1, 3), (2, 1)):
+        shape = list(case.input_shape)
+        shape[0] = shape[0] * scale + 1  # other token counts, served by the same dynamic graph
+        hidden = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2).to(case.dtype)
+        with no_compile_caches(), torch.no_grad():
+            outputs = compiled(hidden)
+        _, _, problems = compare_with_reference(case, case.expected, module, hidden, tuple(outputs))
+        assert not problems, problems[:3]
+
+
+def _example_router():
+    torch.manual_seed(0)
+    return Router(ExampleConfig()), torch.randn(9, ExampleConfig().hidden_size)
+
+
+class TestGraphs(expecttest.TestCase):
+    def test_router_graph_after_the_rewrite(self):
+        router, hidden = _example_router()
+        _, _, report = compile_with_report(router, hidden)
+        self.assertExpectedInline(str(normalized_ops(report.graphs[0].graph_after)),
+                                  """['aten.permute', 'aten.mm', 'moe_fusion.moe_fused_gate']""")
+
+    def test_router_graph_without_the_rewrite(self):
+        router, hidden = _example_router()
+        _, _, report = compile_with_report(router, hidden, rewrites=[])
+        self.assertEqual(report.count("routing"), 0)
+        self.assertNotIn("moe_fusion.moe_fused_gate", normalized_ops(report.graphs[0].graph_after))
+        self.assertIn("aten.topk", normalized_ops(report.graphs[0].graph_after))
+
+
+def test_fx_graph_cache_hit_serves_the_rewritten_graph_and_never_a_stale_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    router, hidden = _example_router()
+    counters = torch._dynamo.utils.counters
+
+    def compile_and_count(backend):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(router, backend=backend)
+        with torch._inductor.config.patch(fx_graph_cache=True, force_disable_caches=False), torch.no_grad():
+            compiled(hidden)
+            calls = fused_op_calls(compiled, hidden)
+        return calls, counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    with torch._inductor.utils.fresh_cache():
+        assert compile_and_count(fusion_passes.make_backend()) == ({GATE: 1}, 0, 1)
+        # Same graph and same rewrites: a cache hit, and the cached graph has the fused op.
+        assert compile_and_count(fusion_passes.make_backend()) == ({GATE: 1}, 1, 0)
+        # Rewrites off: the uuid differs, so the rewritten graph is not served.
+        assert compile_and_count(fusion_passes.make_backend(rewrites=[])) == ({}, 0, 1)
+        # The default backend (no pass at all) does not get it either.
+        assert compile_and_count("inductor") == ({}, 0, 1)
+
+
+def test_install_adds_the_rewrite_to_the_default_backend():
+    router, hidden = _example_router()
+    uninstall = fusion_passes.install()
+    try:
+        torch._dynamo.reset()
+        with no_compile_caches(), torch.no_grad():
+            compiled = torch.compile(router)
+            compiled(hidden)
+            assert fused_op_calls(compiled, hidden) == {GATE: 1}
+    finally:
+        uninstall()
+    torch._dynamo.reset()
+    with no_compile_caches(), torch.no_grad():
+        compiled = torch.compile(router)
+        compiled(hidden)
+        assert fused_op_calls(compiled, hidden) == {}
+
+
+@pytest.mark.parametrize("settings", [dict(mode="max-autotune-no-cudagraphs"), dict(options={"epilogue_fusion": False})],
+                         ids=["mode", "options"])
+def test_mode_and_options_are_forwarded(settings):
+    router, hidden = _example_router()
+    torch._dynamo.reset()
+    with no_compile_caches(), torch.no_grad():
+        compiled = torch.compile(router, backend="moe_fusion", **settings)
+        want = router(hidden)
+        got = compiled(hidden)
+        assert fused_op_calls(compiled, hidden) == {GATE: 1}
+    assert_same_routing(got, want)
+
+
+def test_unknown_inductor_option_is_a_clear_error():
+    router, hidden = _example_router()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown Inductor option 'not_an_option'"):
+        torch.compile(router, backend="moe_fusion", options={"not_an_option": 1})(hidden)
+
+
+def test_unknown_rewrite_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown rewrite"):
+        fusion_passes.make_backend(rewrites=["rooting"])
+
+
+def test_a_bug_in_a_rewrite_does_not_break_the_compile(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(routing, "_plan", broken)
+    router, hidden = _example_router()
+    _, outputs, report = compile_with_report(router, hidden)
+    assert report.count("routing") == 0
+    assert any("internal error" in r.reason and "boom" in r.reason for r in report.refusals)
+    with torch.no_grad():
+        assert_same_routing(outputs, router(hidden))
+
+
+def test_explain_reports_location_spelling_and_graphs():
+    model = ExampleMoEModel().eval()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 7))
+    report = fusion_passes.explain(model, tokens)
+    assert report.count("routing") == model.cfg.num_layers
+    rewrite = report.rewrites[0]
+    assert "layers.0.gate" in rewrite.location
+    assert "topk(2).values.sum(-1)" in rewrite.spelling and "gather(scores)" in rewrite.spelling
+    assert "moe_fused_gate" not in report.graphs[0].graph_before
+    assert "moe_fused_gate" in report.graphs[0].graph_after
+    assert "moe_fusion.moe_fused_gate.default" in report.op_count_table()
+    assert "1 rewrite" in str(report) or f"{model.cfg.num_layers} rewrite" in str(report)
+
+
+def test_rewrites_are_logged(caplog):
+    router, hidden = _example_router()
+    with caplog.at_level(logging.INFO, logger="moe_fusion"):
+        compile_with_report(router, hidden)
+    assert any("[routing]" in record.getMessage() for record in caplog.records)
+
+
+def test_example_model_matches_eager_with_one_gate_per_layer():
+    model = ExampleMoEModel().eval()
+    tokens = torch.randint(0, model.cfg.vocab_size, (3, 5))
+    compiled, outputs, report = compile_with_report(model, tokens)
+    assert report.count("routing") == model.cfg.num_layers
+    with torch.no_grad():
+        assert fused_op_calls(compiled, tokens) == {GATE: model.cfg.num_layers}
+        torch.testing.assert_close(outputs, model(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "glm4_moe", "deepseek_v2"])
+@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
+def test_hf_transformers_models(kind, experts_implementation):
+    pytest.importorskip("transformers")
+    from fusion_passes.hf_examples import tiny_hf_moe
+
+    model = tiny_hf_moe(kind, experts_implementation)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    compiled, outputs, report = compile_with_report(model, tokens)
+    layers = model.config.num_hidden_layers
+    assert report.count("routing") == layers, [r.reason for r in report.refusals]
+    with torch.no_grad():
+        assert fused_op_calls(compiled, tokens) == {GATE: layers}
+        torch.testing.assert_close(outputs.logits, model(tokens).logits, rtol=1e-5, atol=1e-5)
