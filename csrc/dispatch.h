@@ -3,7 +3,7 @@
 
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
+#include "error_message.h"
 #include <c10/util/Half.h>
 
 namespace moe_fusion {
@@ -22,7 +22,7 @@ void dispatch_float_dtype(c10::ScalarType dtype, const char* what, F&& f) {
       f(c10::Half{});
       break;
     default:
-      TORCH_CHECK_VALUE(false, what, " must be float32, bfloat16 or float16, got ", dtype);
+      MOE_FUSION_CHECK(false, what, " must be float32, bfloat16 or float16, got ", dtype);
   }
 }
 

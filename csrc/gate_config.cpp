@@ -1,6 +1,6 @@
 #include "gate_config.h"
 
-#include <c10/util/Exception.h>
+#include "error_message.h"
 
 #include <cmath>
 #include <limits>
@@ -40,58 +40,58 @@ GateConfig make_gate_config(
     c10::optional<at::ScalarType> compute_dtype,
     c10::optional<at::ScalarType> weights_dtype,
     c10::optional<at::ScalarType> ids_dtype) {
-  TORCH_CHECK_VALUE(is_float_dtype(logits.scalar_type()),
+  MOE_FUSION_CHECK(is_float_dtype(logits.scalar_type()),
                     "moe_fused_gate: logits must be float32, bfloat16 or float16, got ",
                     logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.dim() >= 1, "moe_fused_gate: logits must have at least one dimension");
+  MOE_FUSION_CHECK(logits.dim() >= 1, "moe_fused_gate: logits must have at least one dimension");
   const int64_t E = logits.size(-1);
-  TORCH_CHECK_VALUE(E >= 1, "moe_fused_gate: logits.size(-1) (the number of experts) must be >= 1");
-  TORCH_CHECK_VALUE(num_expert_group >= 1, "moe_fused_gate: num_expert_group must be >= 1, got ",
+  MOE_FUSION_CHECK(E >= 1, "moe_fused_gate: logits.size(-1) (the number of experts) must be >= 1");
+  MOE_FUSION_CHECK(num_expert_group >= 1, "moe_fused_gate: num_expert_group must be >= 1, got ",
                     num_expert_group);
-  TORCH_CHECK_VALUE(E % num_expert_group == 0, "moe_fused_gate: num_expert_group (", num_expert_group,
+  MOE_FUSION_CHECK(E % num_expert_group == 0, "moe_fused_gate: num_expert_group (", num_expert_group,
                     ") must divide the number of experts logits.size(-1) (", E, ")");
   const int64_t P = E / num_expert_group;
-  TORCH_CHECK_VALUE(topk_group >= 1 && topk_group <= num_expert_group,
+  MOE_FUSION_CHECK(topk_group >= 1 && topk_group <= num_expert_group,
                     "moe_fused_gate: topk_group must be in [1, num_expert_group=", num_expert_group,
                     "], got ", topk_group);
-  TORCH_CHECK_VALUE(topk >= 1, "moe_fused_gate: topk must be >= 1, got ", topk);
-  TORCH_CHECK_VALUE(topk <= topk_group * P,
+  MOE_FUSION_CHECK(topk >= 1, "moe_fused_gate: topk must be >= 1, got ", topk);
+  MOE_FUSION_CHECK(topk <= topk_group * P,
                     "moe_fused_gate: topk (", topk, ") must not exceed the experts of the kept groups (topk_group * E / num_expert_group = ",
                     topk_group * P, ")");
-  TORCH_CHECK_VALUE(topk <= 64, "moe_fused_gate: topk must be <= 64, got ", topk);
-  TORCH_CHECK_VALUE(group_score_topk >= 1 && group_score_topk <= P,
+  MOE_FUSION_CHECK(topk <= 64, "moe_fused_gate: topk must be <= 64, got ", topk);
+  MOE_FUSION_CHECK(group_score_topk >= 1 && group_score_topk <= P,
                     "moe_fused_gate: group_score_topk must be in [1, experts per group=", P, "], got ",
                     group_score_topk);
-  TORCH_CHECK_VALUE(scoring_func == "sigmoid" || scoring_func == "softmax",
+  MOE_FUSION_CHECK(scoring_func == "sigmoid" || scoring_func == "softmax",
                     "moe_fused_gate: scoring_func must be 'sigmoid' or 'softmax', got '", scoring_func, "'");
-  TORCH_CHECK_VALUE(!std::isnan(masked_score), "moe_fused_gate: masked_score must not be NaN");
-  TORCH_CHECK_VALUE(std::isfinite(renormalize_eps) && renormalize_eps >= 0,
+  MOE_FUSION_CHECK(!std::isnan(masked_score), "moe_fused_gate: masked_score must not be NaN");
+  MOE_FUSION_CHECK(std::isfinite(renormalize_eps) && renormalize_eps >= 0,
                     "moe_fused_gate: renormalize_eps must be finite and >= 0, got ", renormalize_eps);
-  TORCH_CHECK_VALUE(std::isfinite(routed_scaling_factor) && routed_scaling_factor != 0,
+  MOE_FUSION_CHECK(std::isfinite(routed_scaling_factor) && routed_scaling_factor != 0,
                     "moe_fused_gate: routed_scaling_factor must be finite and non-zero, got ",
                     routed_scaling_factor);
-  TORCH_CHECK_VALUE(num_fused_shared_experts >= 0,
+  MOE_FUSION_CHECK(num_fused_shared_experts >= 0,
                     "moe_fused_gate: num_fused_shared_experts must be >= 0, got ", num_fused_shared_experts);
-  TORCH_CHECK_VALUE(!(weights_from_masked_scores && bias.has_value()),
+  MOE_FUSION_CHECK(!(weights_from_masked_scores && bias.has_value()),
                     "moe_fused_gate: weights_from_masked_scores requires bias=None (the masked scores are "
                     "then the unbiased scores)");
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == E, "moe_fused_gate: bias must have shape [E] = [", E,
+    MOE_FUSION_CHECK(b.dim() == 1 && b.size(0) == E, "moe_fused_gate: bias must have shape [E] = [", E,
                       "], got ", b.sizes());
-    TORCH_CHECK_VALUE(is_float_dtype(b.scalar_type()), "moe_fused_gate: bias must be float32, bfloat16 or float16, got ",
+    MOE_FUSION_CHECK(is_float_dtype(b.scalar_type()), "moe_fused_gate: bias must be float32, bfloat16 or float16, got ",
                       b.scalar_type());
-    TORCH_CHECK_VALUE(b.device() == logits.device(), "moe_fused_gate: bias must be on the logits' device (",
+    MOE_FUSION_CHECK(b.device() == logits.device(), "moe_fused_gate: bias must be on the logits' device (",
                       logits.device(), "), got ", b.device());
   }
   const at::ScalarType cdt = compute_dtype.value_or(at::kFloat);
-  TORCH_CHECK_VALUE(is_float_dtype(cdt), "moe_fused_gate: compute_dtype must be None, float32, bfloat16 or float16, got ",
+  MOE_FUSION_CHECK(is_float_dtype(cdt), "moe_fused_gate: compute_dtype must be None, float32, bfloat16 or float16, got ",
                     cdt);
   const at::ScalarType wdt = weights_dtype.value_or(at::kFloat);
-  TORCH_CHECK_VALUE(is_float_dtype(wdt), "moe_fused_gate: weights_dtype must be float32, bfloat16 or float16, got ",
+  MOE_FUSION_CHECK(is_float_dtype(wdt), "moe_fused_gate: weights_dtype must be float32, bfloat16 or float16, got ",
                     wdt);
   const at::ScalarType idt = ids_dtype.value_or(at::kInt);
-  TORCH_CHECK_VALUE(idt == at::kInt || idt == at::kLong, "moe_fused_gate: ids_dtype must be int32 or int64, got ",
+  MOE_FUSION_CHECK(idt == at::kInt || idt == at::kLong, "moe_fused_gate: ids_dtype must be int32 or int64, got ",
                     idt);
 
   GateConfig cfg{};
@@ -128,17 +128,17 @@ void check_gate_outputs(const at::Tensor& logits, const GateConfig& cfg, const a
   const at::ScalarType wdt = cfg.weights_dtype == OutDtype::BF16
                                  ? at::kBFloat16
                                  : (cfg.weights_dtype == OutDtype::F16 ? at::kHalf : at::kFloat);
-  TORCH_CHECK_VALUE(weights.sizes() == expected && ids.sizes() == expected,
+  MOE_FUSION_CHECK(weights.sizes() == expected && ids.sizes() == expected,
                     "moe_fused_gate.out: weights_out and ids_out must have shape ", c10::IntArrayRef(expected), ", got ",
                     weights.sizes(), " and ", ids.sizes());
-  TORCH_CHECK_VALUE(weights.scalar_type() == wdt, "moe_fused_gate.out: weights_out must have dtype ", wdt,
+  MOE_FUSION_CHECK(weights.scalar_type() == wdt, "moe_fused_gate.out: weights_out must have dtype ", wdt,
                     ", got ", weights.scalar_type());
-  TORCH_CHECK_VALUE(ids.scalar_type() == (cfg.ids_int64 ? at::kLong : at::kInt),
+  MOE_FUSION_CHECK(ids.scalar_type() == (cfg.ids_int64 ? at::kLong : at::kInt),
                     "moe_fused_gate.out: ids_out must have dtype ", (cfg.ids_int64 ? "int64" : "int32"), ", got ",
                     ids.scalar_type());
-  TORCH_CHECK_VALUE(weights.is_contiguous() && ids.is_contiguous(),
+  MOE_FUSION_CHECK(weights.is_contiguous() && ids.is_contiguous(),
                     "moe_fused_gate.out: weights_out and ids_out must be contiguous");
-  TORCH_CHECK_VALUE(weights.device() == logits.device() && ids.device() == logits.device(),
+  MOE_FUSION_CHECK(weights.device() == logits.device() && ids.device() == logits.device(),
                     "moe_fused_gate.out: weights_out and ids_out must be on the logits' device (", logits.device(),
                     ")");
 }

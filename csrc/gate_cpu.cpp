@@ -223,7 +223,7 @@ void gate_cpu_dispatch_outputs(const at::Tensor& logits2d, const float* bias, co
 
 void gate_cpu(const at::Tensor& logits2d, const at::Tensor& bias, const GateConfig& cfg, at::Tensor& weights2d,
               at::Tensor& ids2d) {
-  TORCH_CHECK_VALUE(logits2d.device().is_cpu(), "moe_fused_gate: logits must be on the CPU for the CPU kernel");
+  MOE_FUSION_CHECK(logits2d.device().is_cpu(), "moe_fused_gate: logits must be on the CPU for the CPU kernel");
   // Bias in float32 (exact for bf16/fp16), read once per call rather than converted per token.
   at::Tensor bias_f32 = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_ptr = bias.defined() ? bias_f32.data_ptr<float>() : nullptr;

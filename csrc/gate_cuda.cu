@@ -1,9 +1,10 @@
 // CUDA kernel of moe_fusion::moe_fused_gate.
 //
-// One warp routes one token at a time (grid-stride over tokens). Lane l holds
-// experts [l*VPT, (l+1)*VPT) in registers, loaded with 16-byte vector loads.
-// Every comparison goes through the 32-bit order key of gate_config.h, so a
-// warp arg-max is one `redux.sync` max (sm_80+) plus a ballot: the lowest lane
+// One warp routes one token at a time (grid-stride over tokens, the next
+// token's logits loaded while the current one is routed). Lane l holds experts
+// [l*VPT, (l+1)*VPT) in registers, loaded with 16-byte vector loads. Every
+// comparison goes through the 32-bit order key of gate_config.h, so a warp
+// arg-max is one `redux.sync` max (sm_80+) plus a ballot: the lowest lane
 // holding the maximum owns the lowest expert index, which gives the documented
 // lowest-index tie-break without 64-bit shuffles.
 //
@@ -44,10 +45,10 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ float to_float(T x) {
-  return static_cast<float>(x);
-}
+// torch builds with __CUDA_NO_{HALF,BFLOAT16}_CONVERSIONS__: convert explicitly.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
 // Loads lane's chunk [lane*VPT, lane*VPT+VPT) of a row; elements >= E read as 0.
 template <typename T, int VPT>
@@ -120,14 +121,99 @@ struct GateArgs {
   bool vectorized;
   bool group_registers;  // register path for group scores (see the file comment)
   int lanes_per_group;   // register path only
+  int warp_smem_bytes;   // shared memory of one warp
   void* weights;
   void* ids;
 };
 
+// Candidates the threshold top-k ranks in shared memory before it falls back to rounds.
+constexpr int kMaxCandidates = 64;
+
+// Top-k for k <= 32 without k serial arg-max rounds over all keys. The k-th largest of the 32 lane
+// maxima is at most the k-th largest key (the k lanes holding the largest maxima each own a key at
+// least that large), so every pick is among the keys >= it. Those few candidates are compacted to
+// shared memory and each is ranked against the others exactly (key, then lower index). Lane r gets
+// pick r. Returns false (nothing written) when more than kMaxCandidates keys tie at the threshold.
+template <int VPT>
+__device__ __forceinline__ bool topk_by_threshold(const uint32_t (&key)[VPT], int lane, int first, int k,
+                                                  uint64_t* candidates, int* slots, int& pick) {
+  uint32_t remaining = 0;
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) remaining = max(remaining, key[j]);
+  uint32_t threshold = 0;
+  for (int r = 0; r < k; ++r) {
+    threshold = __reduce_max_sync(kFull, remaining);
+    if (lane == __ffs(__ballot_sync(kFull, remaining == threshold)) - 1) remaining = kRemovedKey;
+  }
+  threshold = max(threshold, 1u);  // never a padding key
+  int count = 0;
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) count += key[j] >= threshold;
+  int offset = count;  // inclusive prefix sum over lanes
+#pragma unroll
+  for (int d = 1; d < kWarp; d <<= 1) {
+    const int below = __shfl_up_sync(kFull, offset, d);
+    if (lane >= d) offset += below;
+  }
+  const int total = __shfl_sync(kFull, offset, kWarp - 1);
+  if (total > kMaxCandidates) return false;
+  offset -= count;
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    if (key[j] >= threshold) {
+      candidates[offset++] = (static_cast<uint64_t>(key[j]) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(first + j));
+    }
+  }
+  __syncwarp();
+  for (int i = lane; i < total; i += kWarp) {
+    const uint64_t mine = candidates[i];
+    int rank = 0;
+    for (int j = 0; j < total; ++j) rank += candidates[j] > mine;
+    if (rank < k) slots[rank] = static_cast<int>(0xFFFFFFFFu - static_cast<uint32_t>(mine));
+  }
+  __syncwarp();
+  pick = lane < k ? slots[lane] : -1;
+  __syncwarp();  // candidates and slots are reused by the next token
+  return true;
+}
+
+// Top-k by k rounds of warp arg-max (any k <= 64): each lane caches its best key; the winner of a
+// round removes it and finds its next best. Pick r goes to lane r % 32, slot r / 32.
+template <int VPT>
+__device__ __forceinline__ void topk_by_rounds(uint32_t (&key)[VPT], int lane, int k, int& pick0, int& pick1) {
+  uint32_t best = kRemovedKey;
+  int best_j = 0;
+#pragma unroll
+  for (int j = 0; j < VPT; ++j)
+    if (key[j] > best) best = key[j], best_j = j;
+  for (int r = 0; r < k; ++r) {
+    const uint32_t top = __reduce_max_sync(kFull, best);
+    const int winner = __ffs(__ballot_sync(kFull, best == top)) - 1;
+    const int e = winner * VPT + __shfl_sync(kFull, best_j, winner);
+    if (lane == (r & (kWarp - 1))) {
+      if (r < kWarp) {
+        pick0 = e;
+      } else {
+        pick1 = e;
+      }
+    }
+    if (lane == winner) {
+      const int removed = best_j;
+      best = kRemovedKey;
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) {
+        const uint32_t c = j == removed ? kRemovedKey : key[j];
+        key[j] = c;
+        if (c > best) best = c, best_j = j;
+      }
+    }
+  }
+}
+
 template <typename T, int VPT>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     moe_fused_gate_kernel(const GateArgs args, const GateConfig cfg) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   const int E = static_cast<int>(cfg.num_experts);
   const int G = static_cast<int>(cfg.num_groups);
   const int P = static_cast<int>(cfg.group_size);
@@ -135,69 +221,83 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   const int K = static_cast<int>(cfg.out_columns());
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
+  const int first = lane * VPT;
   const bool limit_groups = cfg.topk_group < cfg.num_groups;
 
-  // Shared memory: bias (E floats), then per warp E selection scores and G kept flags
-  // for the shared-memory group path.
-  float* bias_s = smem;
-  float* warp_sel = smem + E + warp * (E + G);
-  float* warp_group = warp_sel + E;  // group scores, then kept flags (1/0)
-  if (cfg.has_bias) {
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-      bias_s[e] = args.bias_is_f32 ? static_cast<const float*>(args.bias)[e]
-                                   : to_float(static_cast<const T*>(args.bias)[e]);
-    }
+  // Shared memory of this warp: top-k candidates and slots, then (shared-memory group path only)
+  // E selection scores and G group scores / kept flags.
+  unsigned char* mine = smem + warp * args.warp_smem_bytes;
+  uint64_t* candidates = reinterpret_cast<uint64_t*>(mine);
+  int* slots = reinterpret_cast<int*>(candidates + kMaxCandidates);
+  float* warp_sel = reinterpret_cast<float*>(slots + kWarp);
+  float* warp_group = warp_sel + E;
+
+  float bias[VPT];
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int e = first + j;
+    bias[j] = !cfg.has_bias || e >= E ? 0.0f
+              : args.bias_is_f32      ? static_cast<const float*>(args.bias)[e]
+                                      : to_float(static_cast<const T*>(args.bias)[e]);
   }
-  __syncthreads();
-
   const uint32_t masked_key = order_key(cfg.masked_score);
-  const int first = lane * VPT;
-  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const T* logits = static_cast<const T*>(args.logits);
 
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < args.rows; t += warps_total) {
-    const T* row = static_cast<const T*>(args.logits) + t * args.row_stride;
-    float s[VPT];
-    load_chunk<T, VPT>(row, lane, E, args.vectorized, s);
+  // The next token's logits are loaded while this one is routed.
+  float next[VPT];
+  int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (t < args.rows) load_chunk<T, VPT>(logits + t * args.row_stride, lane, E, args.vectorized, next);
+  for (; t < args.rows; t += stride) {
+    const T* row = logits + t * args.row_stride;
+    float b[VPT];
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) b[j] = next[j];
+    if (t + stride < args.rows) load_chunk<T, VPT>(row + stride * args.row_stride, lane, E, args.vectorized, next);
 
-    // 1. Scores.
+    // 1. Selection scores. Sigmoid uses the fast exp and reciprocal here (a few ulps, like the
+    // fused sigmoid of torch.compile's Triton code); the weights of the picks are recomputed exactly.
+    float row_max = 0.0f, row_total = 1.0f;
     if (cfg.softmax) {
       float mx = -INFINITY;
 #pragma unroll
       for (int j = 0; j < VPT; ++j)
-        if (first + j < E) mx = nan_max(mx, s[j]);
-      mx = warp_nan_max(mx);
-      float total = 0.0f;
+        if (first + j < E) mx = nan_max(mx, b[j]);
+      row_max = warp_nan_max(mx);
+      float part = 0.0f;
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        s[j] = (first + j < E) ? expf(s[j] - mx) : 0.0f;
-        total += s[j];
+        b[j] = first + j < E ? expf(b[j] - row_max) : 0.0f;
+        part += b[j];
       }
-      total = warp_sum(total);
+      row_total = warp_sum(part);
 #pragma unroll
-      for (int j = 0; j < VPT; ++j) s[j] = round_to(s[j] / total, cfg.score_rounding);
+      for (int j = 0; j < VPT; ++j) b[j] = b[j] / row_total;
     } else {
 #pragma unroll
-      for (int j = 0; j < VPT; ++j) s[j] = round_to(sigmoid_of(s[j]), cfg.score_rounding);
+      for (int j = 0; j < VPT; ++j) b[j] = __fdividef(1.0f, 1.0f + __expf(-b[j]));
     }
-
-    // 2. Selection keys (0 = not an expert).
-    uint32_t key[VPT];
+    if (cfg.score_rounding != Rounding::FP32) {
 #pragma unroll
-    for (int j = 0; j < VPT; ++j) {
-      const float b = cfg.has_bias ? round_to(s[j] + bias_s[min(first + j, E - 1)], cfg.selection_rounding) : s[j];
-      key[j] = (first + j < E) ? order_key(b) : kRemovedKey;
+      for (int j = 0; j < VPT; ++j) b[j] = round_to(b[j], cfg.score_rounding);
     }
+    if (cfg.has_bias) {
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) b[j] = round_to(b[j] + bias[j], cfg.selection_rounding);
+    }
+    uint32_t key[VPT];  // 0 = not an expert
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) key[j] = first + j < E ? order_key(b[j]) : kRemovedKey;
 
-    // 3. Group limit: `kept_lane` (register path) or warp_group[g] (shared-memory path).
+    // 2. Group limit: `kept_lane` (register path) or warp_group[g] (shared-memory path).
     bool kept_lane = true;
     if (limit_groups && args.group_registers) {
       const int L = args.lanes_per_group;
       uint32_t top1 = 0, top2 = 0;
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        const uint32_t c = key[j];
-        top2 = max(top2, min(top1, c));
-        top1 = max(top1, c);
+        top2 = max(top2, min(top1, key[j]));
+        top1 = max(top1, key[j]);
       }
       for (int off = 1; off < L; off <<= 1) {
         const uint32_t o1 = __shfl_xor_sync(kFull, top1, off);
@@ -225,13 +325,11 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
       for (int j = 0; j < VPT; ++j)
         if (first + j < E) warp_sel[first + j] = key_value(key[j]);
       __syncwarp();
-      // Group composite keys live in the lanes that own them: g = lane + 32 * i.
       for (int g = lane; g < G; g += kWarp) {
         warp_group[g] = round_to(top_m_sum_smem(warp_sel + g * P, P, static_cast<int>(cfg.group_score_topk)),
-                                cfg.selection_rounding);
+                                 cfg.selection_rounding);
       }
-      __syncwarp();
-      // Pick topk_group groups: max key, then lowest group index among the lanes holding it.
+      // Pick topk_group groups: the max key, then the lowest group index among lanes holding it.
       uint32_t taken_bits = 0;  // bit i: group lane + 32 * i taken (G <= 1024 on CUDA)
       for (int r = 0; r < cfg.topk_group; ++r) {
         uint32_t best_key = 0;
@@ -252,74 +350,48 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
         if (first + j < E && warp_group[(first + j) / P] == 0.0f) key[j] = masked_key;
     }
 
-    // 4. Top-k: k rounds of warp arg-max; each lane caches its own best.
-    uint32_t best = kRemovedKey;
-    int best_j = 0;
-#pragma unroll
-    for (int j = 0; j < VPT; ++j)
-      if (key[j] > best) best = key[j], best_j = j;
-    float best_s = s[0];
-#pragma unroll
-    for (int j = 0; j < VPT; ++j)
-      if (j == best_j) best_s = s[j];
-
-    // Pick r lives in lane r % 32: slot 0 for r < 32, slot 1 for r < 64 (topk <= 64).
-    int pick_id0 = 0, pick_id1 = 0;
-    float pick_w0 = 0.0f, pick_w1 = 0.0f;
-    for (int r = 0; r < k; ++r) {
-      const uint32_t top = __reduce_max_sync(kFull, best);
-      const int winner = __ffs(__ballot_sync(kFull, best == top)) - 1;
-      const int e = winner * VPT + __shfl_sync(kFull, best_j, winner);
-      float w = __shfl_sync(kFull, best_s, winner);
-      if (cfg.weights_from_masked_scores && limit_groups) {
-        const bool kept = args.group_registers ? __shfl_sync(kFull, kept_lane, winner) : warp_group[e / P] != 0.0f;
-        if (!kept) w = cfg.masked_score;
-      }
-      if (lane == (r & (kWarp - 1))) {
-        if (r < kWarp) {
-          pick_id0 = e, pick_w0 = w;
-        } else {
-          pick_id1 = e, pick_w1 = w;
-        }
-      }
-      if (lane == winner) {
-#pragma unroll
-        for (int j = 0; j < VPT; ++j)
-          if (j == best_j) key[j] = kRemovedKey;
-        best = kRemovedKey;
-#pragma unroll
-        for (int j = 0; j < VPT; ++j)
-          if (key[j] > best) best = key[j], best_j = j;
-#pragma unroll
-        for (int j = 0; j < VPT; ++j)
-          if (j == best_j) best_s = s[j];
-      }
+    // 3. Top-k: lane r holds pick r (pick0) and pick r + 32 (pick1), -1 when there is none.
+    int pick0 = -1, pick1 = -1;
+    if (k > kWarp || !topk_by_threshold<VPT>(key, lane, first, k, candidates, slots, pick0)) {
+      topk_by_rounds<VPT>(key, lane, k, pick0, pick1);
     }
 
-    // 5. Weights: renormalise over the routed picks, scale, write once.
+    // 4. Weights: the exact scores of the picks (their logits are still in L1), renormalised over
+    // the routed picks, scaled, written once.
+    auto weight_of = [&](int e, bool kept) {
+      if (e < 0) return 0.0f;
+      const float x = to_float(row[e]);
+      float w = round_to(cfg.softmax ? expf(x - row_max) / row_total : sigmoid_of(x), cfg.score_rounding);
+      return cfg.weights_from_masked_scores && !kept ? cfg.masked_score : w;
+    };
+    auto kept_of = [&](int e) {  // collective on the register path
+      if (!limit_groups) return true;
+      if (args.group_registers) return static_cast<bool>(__shfl_sync(kFull, kept_lane, max(e, 0) / VPT));
+      return e < 0 || warp_group[e / P] != 0.0f;
+    };
+    const float w0 = weight_of(pick0, kept_of(pick0));
+    const float w1 = k > kWarp ? weight_of(pick1, kept_of(pick1)) : 0.0f;
     float denom = 1.0f;
     if (cfg.renormalize) {
-      const float part = (lane < k ? pick_w0 : 0.0f) + (lane + kWarp < k ? pick_w1 : 0.0f);
-      const float total = warp_sum(part);
-      denom = round_to(round_to(total, cfg.weight_rounding) + cfg.renormalize_eps, cfg.weight_rounding);
+      denom = round_to(round_to(warp_sum(w0 + w1), cfg.weight_rounding) + cfg.renormalize_eps, cfg.weight_rounding);
     }
     const int64_t out_row = t * K;
 #pragma unroll
     for (int slot = 0; slot < 2; ++slot) {
       const int r = lane + slot * kWarp;
       if (r < k) {
-        float w = slot == 0 ? pick_w0 : pick_w1;
+        float w = slot == 0 ? w0 : w1;
         w = cfg.renormalize ? round_to(w / denom, cfg.weight_rounding) : w;
         w = round_to(w * cfg.weight_scale, cfg.weight_rounding);
         store_weight(args.weights, out_row + r, w, cfg.weights_dtype);
-        store_id(args.ids, out_row + r, slot == 0 ? pick_id0 : pick_id1, cfg.ids_int64);
+        store_id(args.ids, out_row + r, slot == 0 ? pick0 : pick1, cfg.ids_int64);
       }
     }
     for (int j = lane; j < cfg.num_shared; j += kWarp) {
       store_weight(args.weights, out_row + k + j, cfg.shared_weight, cfg.weights_dtype);
       store_id(args.ids, out_row + k + j, E + j, cfg.ids_int64);
     }
-    if (limit_groups && !args.group_registers) __syncwarp();  // warp_sel is rewritten next token
+    __syncwarp();  // this warp's shared memory is rewritten for the next token
   }
 }
 
@@ -351,7 +423,7 @@ int values_per_lane(int64_t E) {
   for (int multiple : {1, 2, 3, 4, 6, 8}) {
     if (needed <= multiple * kPerVec) return multiple * kPerVec;
   }
-  TORCH_CHECK(false, "moe_fused_gate: unreachable: E <= 1024 is checked before");
+  MOE_FUSION_CHECK(false, "moe_fused_gate: unreachable: E <= 1024 is checked before");
 }
 
 template <typename T>
@@ -365,13 +437,13 @@ void launch_with_width(int vpt, const GateArgs& args, const GateConfig& cfg, siz
     case 32: return launch<T, 32>(args, cfg, smem, stream);
     default: break;
   }
-  TORCH_CHECK(false, "moe_fused_gate: no kernel instantiated for ", vpt, " values per lane");
+  MOE_FUSION_CHECK(false, "moe_fused_gate: no kernel instantiated for ", vpt, " values per lane");
 }
 
 void gate_cuda(const at::Tensor& logits2d, const at::Tensor& bias, const GateConfig& cfg, at::Tensor& weights2d,
                at::Tensor& ids2d) {
-  TORCH_CHECK_VALUE(logits2d.is_cuda(), "moe_fused_gate: logits must be a CUDA tensor for the CUDA kernel");
-  TORCH_CHECK_VALUE(cfg.num_experts <= 1024, "moe_fused_gate: on CUDA the number of experts logits.size(-1) must be <= 1024, got ",
+  MOE_FUSION_CHECK(logits2d.is_cuda(), "moe_fused_gate: logits must be a CUDA tensor for the CUDA kernel");
+  MOE_FUSION_CHECK(cfg.num_experts <= 1024, "moe_fused_gate: on CUDA the number of experts logits.size(-1) must be <= 1024, got ",
                     cfg.num_experts);
   const c10::cuda::CUDAGuard guard(logits2d.device());
   const int64_t E = cfg.num_experts, G = cfg.num_groups, P = cfg.group_size;
@@ -396,7 +468,9 @@ void gate_cuda(const at::Tensor& logits2d, const at::Tensor& bias, const GateCon
   args.lanes_per_group = static_cast<int>(std::max<int64_t>(lanes_per_group, 1));
 
   const bool smem_groups = cfg.groups_limit_choice() && !args.group_registers;
-  const size_t smem = sizeof(float) * (E + (smem_groups ? kWarpsPerBlock * (E + G) : 0));
+  const size_t topk_bytes = kMaxCandidates * sizeof(uint64_t) + kWarp * sizeof(int);
+  args.warp_smem_bytes = static_cast<int>(topk_bytes + (smem_groups ? sizeof(float) * (E + G) : 0) + 15) / 16 * 16;
+  const size_t smem = static_cast<size_t>(args.warp_smem_bytes) * kWarpsPerBlock;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_dtype(logits2d.scalar_type(), "moe_fused_gate: logits", [&](auto tag) {
     using T = decltype(tag);

@@ -18,6 +18,10 @@ TORCH_LIBRARY(moe_fusion, m) {
       "float routed_scaling_factor, int num_fused_shared_experts, bool apply_routed_scaling_factor_on_output, "
       "bool weights_from_masked_scores, ScalarType? compute_dtype, ScalarType? weights_dtype, "
       "ScalarType? ids_dtype, *, Tensor(a!) weights_out, Tensor(b!) ids_out) -> ()");
+  m.def(
+      "fused_experts(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor w_gate, Tensor w_up, "
+      "Tensor w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, "
+      "Tensor? shared_token_weight) -> Tensor");
 }
 
 // `import ops._C` loads the library above; the module itself exports nothing.

@@ -4,6 +4,7 @@ import torch  # noqa: F401  (loads libtorch, which ops._C links against)
 
 from . import _C  # noqa: F401  (registers the moe_fusion library and its CPU/CUDA kernels)
 from . import _fake  # noqa: F401  (registers the fake impls, once)
+from .experts import fused_experts
 from .gate import moe_fused_gate
 
-__all__ = ["moe_fused_gate"]
+__all__ = ["fused_experts", "moe_fused_gate"]

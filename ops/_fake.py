@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .experts import check_experts_args
 from .gate import check_gate_args
 
 
@@ -36,3 +37,11 @@ def _moe_fused_gate_out_fake(logits, bias, num_expert_group, topk_group, topk, s
                     masked_score, renormalize, renormalize_eps, routed_scaling_factor, num_fused_shared_experts,
                     apply_routed_scaling_factor_on_output, weights_from_masked_scores, compute_dtype,
                     weights_dtype, ids_dtype)
+
+
+@torch.library.register_fake("moe_fusion::fused_experts")
+def _fused_experts_fake(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+                        shared_token_weight):
+    check_experts_args(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+                       shared_token_weight)
+    return hidden.new_empty(hidden.shape)

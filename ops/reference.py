@@ -166,3 +166,40 @@ def deepseek_v3_routing(
     if renormalize:
         topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
     return topk_weights * routed_scaling_factor, topk_indices
+
+
+def fused_experts_reference(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    shared_gate: torch.Tensor | None = None,
+    shared_up: torch.Tensor | None = None,
+    shared_down: torch.Tensor | None = None,
+    shared_token_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The contract of ``fused_experts`` as a plain loop over expert slots, all in float32.
+
+    Returns float32 (no rounding of the intermediate or of the output), so that tests measure the
+    kernels' rounding against exact-as-possible arithmetic. Ids outside ``[0, E + S)`` contribute
+    nothing, as in the CUDA kernels (the CPU kernel rejects them).
+    """
+    num_experts, inter, _ = w_gate.shape
+    x = hidden.float()
+    ids = topk_ids.long()
+    weights = topk_weights.float()
+    slots = [(w_gate[e], w_up[e], w_down[e]) for e in range(num_experts)]
+    if shared_gate is not None:
+        slots += zip(shared_gate.split(inter, 0), shared_up.split(inter, 0), shared_down.split(inter, 1),
+                     strict=True)
+        if shared_token_weight is not None:
+            weights = torch.where(ids >= num_experts, weights * shared_token_weight.float()[:, None], weights)
+    out = torch.zeros_like(x)
+    for e, (gate, up, down) in enumerate(slots):
+        token, slot = (ids == e).nonzero(as_tuple=True)
+        xe = x[token]
+        y = (torch.nn.functional.silu(xe @ gate.float().T) * (xe @ up.float().T)) @ down.float().T
+        out.index_add_(0, token, y * weights[token, slot, None])
+    return out
