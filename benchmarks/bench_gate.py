@@ -30,6 +30,7 @@ CONFIGS = {
 }
 TOKENS = [1, 8, 64, 512, 4096, 16384, 40000, 131072]
 QUICK_TOKENS = [1, 64, 4096, 40000]
+SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def fused(logits, bias, groups, topk_group, topk):
@@ -129,7 +130,7 @@ def bench_cuda(tokens_list, config_names) -> None:
                 eager = time_in_graph_us(lambda x: unfused(x, bias, groups, topk_group, topk), buffers[:8])
                 comp = time_in_graph_us(lambda x: compiled(x, bias, groups, topk_group, topk), buffers[:8])
                 floor = moved / (bandwidth * 1e3)
-                row = (f"{name:<12} {str(dtype)[6:10]:<5} {tokens:>7} {ours:>9.2f} {floor:>9.2f} {ours / floor:>10.2f} "
+                row = (f"{name:<12} {SHORT_DTYPE[dtype]:<5} {tokens:>7} {ours:>9.2f} {floor:>9.2f} {ours / floor:>10.2f} "
                        f"{moved / ours / 1e3:>6.0f} {eager:>9.1f} {eager / ours:>10.1f} {comp:>10.1f} {comp / ours:>12.1f}")
                 print(row, flush=True)
                 rows.append(row)
@@ -154,7 +155,7 @@ def bench_cpu(tokens_list) -> None:
                         fn(logits, bias, groups, topk_group, topk)
                         samples.append((time.perf_counter() - start) * 1e3)
                     timings.append(statistics.median(samples))
-                print(f"{name:<12} {str(dtype)[6:10]:<5} {tokens:>6} {timings[0]:>9.3f} {timings[1]:>9.3f} "
+                print(f"{name:<12} {SHORT_DTYPE[dtype]:<5} {tokens:>6} {timings[0]:>9.3f} {timings[1]:>9.3f} "
                       f"{timings[1] / timings[0]:>10.1f}", flush=True)
 
 

@@ -9,7 +9,6 @@ only with the same rewrites, and a graph compiled without them is never served w
 from __future__ import annotations
 
 import glob
-import itertools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +23,6 @@ from .routing import rewrite_routing
 REWRITES: dict[str, Callable] = {"routing": rewrite_routing}
 
 _PASS_SOURCES = tuple(sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py"))))
-_graph_counter = itertools.count()
 
 
 def enabled_rewrites(names: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -46,7 +44,7 @@ class FusionPass(CustomGraphPass):
         self.chained = chained.chained if isinstance(chained, FusionPass) else chained
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        report = GraphReport(next(_graph_counter), graph_before=str(graph), ops_before=op_counts(graph))
+        report = GraphReport(collector.next_index(), graph_before=str(graph), ops_before=op_counts(graph))
         for name in self.rewrites:
             try:
                 rewrites, refusals = REWRITES[name](graph)

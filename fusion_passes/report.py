@@ -103,6 +103,12 @@ class ReportCollector:
 
     def __init__(self) -> None:
         self.report = Report()
+        self._next_index = 0
+
+    def next_index(self) -> int:
+        """The index of the next graph in the current report."""
+        self._next_index += 1
+        return self._next_index - 1
 
     def add(self, graph_report: GraphReport) -> None:
         self.report.graphs.append(graph_report)
@@ -111,7 +117,8 @@ class ReportCollector:
         logger.debug("graph %d after the fusion pass:\n%s", graph_report.index, graph_report.graph_after)
 
     def take(self) -> Report:
-        report, self.report = self.report, Report()
+        """The report so far; the collector starts a new one."""
+        report, self.report, self._next_index = self.report, Report(), 0
         return report
 
 

@@ -251,6 +251,18 @@ class RoutingAnalysis:
         self._taint_depth[node] = depth
         return Tainted(root, reason)
 
+    def _upstream_reason(self, node: Any, depth: int = 12) -> str | None:
+        """The refusal reason recorded nearest above `node`, if any (why a mask lost its meaning)."""
+        frontier = [node] if isinstance(node, Node) else []
+        seen = set(frontier)
+        for _ in range(depth):
+            for current in frontier:
+                if current in self.reasons:
+                    return self.reasons[current]
+            frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+            seen.update(frontier)
+        return None
+
     # ---- roots
 
     def _scoring_root(self, node: Node) -> Sel | None:
@@ -512,8 +524,10 @@ class RoutingAnalysis:
         if not isinstance(sel, Sel):
             return None
         if not isinstance(mask, GroupIndicator) or not isinstance(mask.kept, bool) or mask.kept == mask.dropped:
+            upstream = self._upstream_reason(cond)
             return ("the scores are masked with a tensor that is not a group mask built from a top-k of group "
-                    "scores (the sum of each group's top-m scores, or its max)")
+                    "scores (the sum of each group's top-m scores, or its max)"
+                    + (f"; upstream: {upstream}" if upstream else ""))
         if fill is None or isinstance(fill, bool):
             return "the dropped experts are filled with something that is not one constant"
         if sel.flat() != mask.index.score.sel.flat():

@@ -241,3 +241,59 @@ def test_hf_transformers_models(kind, experts_implementation):
     with torch.no_grad():
         assert fused_op_calls(compiled, tokens) == {GATE: layers}
         torch.testing.assert_close(outputs.logits, model(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+class _HandWrittenLookAlike(torch.nn.Module):
+    """DeepSeek-V3 routing with one deliberate change that makes it a different function."""
+
+    def __init__(self, change: str) -> None:
+        super().__init__()
+        self.change = change
+        gen = torch.Generator().manual_seed(7)
+        self.weight = torch.nn.Parameter(torch.randn(64, 32, generator=gen) * 0.3)
+        self.register_buffer("bias", torch.randn(64, generator=gen) * 0.2)
+
+    def forward(self, hidden):
+        scores = torch.nn.functional.linear(hidden, self.weight).sigmoid()
+        choice = scores + self.bias
+        if self.change == "groups_strided":  # groups interleaved: view(-1, P, G), scored over dim 1
+            group_scores = choice.view(-1, 8, 8).topk(2, dim=1)[0].sum(dim=1)
+        else:
+            group_scores = choice.view(-1, 8, 8).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=4, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, 8, 8).reshape(-1, 64)
+        if self.change == "inverted_mask":  # fills the experts of the KEPT groups
+            choice = choice.masked_fill(score_mask.bool(), float("-inf"))
+        elif self.change == "mask_other_scores":  # selects on the unbiased scores
+            choice = scores.masked_fill(~score_mask.bool(), float("-inf"))
+        else:
+            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        ids = torch.topk(choice, k=8, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("inverted_mask", "keeps the experts of dropped groups"),
+    ("mask_other_scores", "computed from other scores"),
+    ("groups_strided", "top-k over a dimension that is not the last"),
+])
+def test_hand_written_look_alikes_are_refused_with_a_reason(change, reason):
+    module = _HandWrittenLookAlike(change)
+    hidden = torch.randn(6, 32, generator=torch.Generator().manual_seed(3))
+    compiled, outputs, report = compile_with_report(module, hidden)
+    assert report.count("routing") == 0
+    assert any(reason in r.reason for r in report.refusals), [r.reason for r in report.refusals]
+    with torch.no_grad():
+        assert GATE not in fused_op_calls(compiled, hidden)
+        assert_same_routing(outputs, module(hidden))
+
+
+def test_inspect_cli_prints_the_report(capsys):
+    from fusion_passes import inspect as inspect_cli
+
+    inspect_cli.main(["--model", "example", "--graphs"])
+    out = capsys.readouterr().out
+    assert "2 rewrite(s), 0 refusal(s)" in out
+    assert "moe_fusion.moe_fused_gate.default" in out and "== graph 0 after ==" in out

@@ -1,0 +1,53 @@
+"""Print what the moe_fusion passes do to a model.
+
+    python -m fusion_passes.inspect                          # the built-in DeepSeek-V3-style model
+    python -m fusion_passes.inspect --model hf-deepseek_v2   # a tiny random HF transformers model
+    python -m fusion_passes.inspect --graphs                 # also print the graphs before and after
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .example_model import ExampleMoEModel
+from .explain import explain
+from .inductor_backend import REWRITES
+
+MODELS = ("example", "hf-deepseek_v3", "hf-glm4_moe", "hf-deepseek_v2")
+
+
+def build(name: str) -> tuple[torch.nn.Module, int]:
+    if name == "example":
+        model = ExampleMoEModel().eval()
+        return model, model.cfg.vocab_size
+    from .hf_examples import tiny_hf_moe
+
+    model = tiny_hf_moe(name.removeprefix("hf-"))
+    return model, model.config.vocab_size
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="example", choices=MODELS)
+    parser.add_argument("--tokens", type=int, nargs=2, default=(2, 16), metavar=("BATCH", "SEQ"))
+    parser.add_argument("--rewrites", nargs="*", default=None, choices=list(REWRITES),
+                        help="the rewrites to run (default: all enabled)")
+    parser.add_argument("--graphs", action="store_true", help="print each graph before and after the passes")
+    args = parser.parse_args(argv)
+
+    model, vocab = build(args.model)
+    tokens = torch.randint(0, vocab, tuple(args.tokens), generator=torch.Generator().manual_seed(0))
+    report = explain(model, tokens, rewrites=args.rewrites)
+    print(report)
+    print()
+    print(report.op_count_table())
+    if args.graphs:
+        for graph in report.graphs:
+            print(f"\n== graph {graph.index} before ==\n{graph.graph_before}\n== graph {graph.index} after ==\n"
+                  f"{graph.graph_after}")
+
+
+if __name__ == "__main__":
+    main()
