@@ -16,7 +16,7 @@ from compile_checks import (
     no_compile_caches,
     normalized_ops,
 )
-from routing_zoo import CASES, compare_with_reference, make_inputs
+from routing_zoo import CASES, H, DeepSeekV3Gate, _case, _expect, compare_with_reference, make_inputs
 
 import fusion_passes
 from fusion_passes import routing
@@ -32,7 +32,18 @@ DELIBERATE_REFUSALS = {
     # differ, and ties break differently; no scoring node precedes the selection, so no report.
     "megatron_group_limited_softmax_post_topk_m1": None,
 }
-REWRITTEN = [c for c in CASES if c.expected is not None and c.name not in DELIBERATE_REFUSALS]
+# The zoo's bf16 spellings, run in float16.
+FP16_CASES = [
+    _case("deepseek_v3_official_gate_fp16", "DeepSeek-V3 inference/model.py Gate run in float16",
+          DeepSeekV3Gate, shape=(9, H), dtype=torch.float16, bias_dtype=torch.float32, num_experts=256, topk=8,
+          n_groups=8, topk_groups=4, score_func="sigmoid", route_scale=2.5,
+          expected=_expect(8, 4, 8, routed_scaling_factor=2.5, compute_dtype=torch.float16)),
+    _case("deepseek_v3_official_gate_fp16_bias_fp16", "the same with a float16 bias", DeepSeekV3Gate,
+          shape=(9, H), dtype=torch.float16, bias_dtype=torch.float16, num_experts=64, topk=6, n_groups=8,
+          topk_groups=3, score_func="sigmoid", route_scale=1.5,
+          expected=_expect(8, 3, 6, routed_scaling_factor=1.5, compute_dtype=torch.float16)),
+]
+REWRITTEN = [c for c in CASES + FP16_CASES if c.expected is not None and c.name not in DELIBERATE_REFUSALS]
 LOOK_ALIKES = [c for c in CASES if c.expected is None or c.name in DELIBERATE_REFUSALS]
 
 
