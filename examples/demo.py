@@ -68,6 +68,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--cpu-experts", action="store_true",
+                        help="fuse the experts on the CPU too (by default only CUDA graphs get fused experts)")
     args = parser.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -79,7 +81,7 @@ def main() -> int:
           f"dtype {args.dtype}, input {args.batch}x{args.seq} tokens, torch {torch.__version__}\n", flush=True)
 
     print("compiling with backend='moe_fusion' to see what the passes do ...", flush=True)
-    report = fusion_passes.explain(model, tokens)
+    report = fusion_passes.explain(model, tokens, fuse_experts_on_cpu=args.cpu_experts)
     print(f"\n== rewrites ({len(report.rewrites)}) ==")
     for rewrite in report.rewrites:
         print(rewrite)
@@ -95,7 +97,7 @@ def main() -> int:
         eager = logits_of(model(tokens))
         torch._dynamo.reset()
         default = torch.compile(model)
-        fused = torch.compile(model, backend="moe_fusion")
+        fused = torch.compile(model, backend=fusion_passes.make_backend(fuse_experts_on_cpu=args.cpu_experts))
         out_default, out_fused = logits_of(default(tokens)), logits_of(fused(tokens))
         diff_default = (out_default - eager).abs().max().item()
         diff_fused = (out_fused - eager).abs().max().item()
@@ -111,7 +113,8 @@ def main() -> int:
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     scale = eager.abs().max().item()
     ok = report.count("routing") > 0 and diff_fused <= tolerance * max(1.0, scale)
-    print(f"\n{'OK' if ok else 'FAILED'}: {report.count('routing')} routing rewrite(s); the fused model "
+    counts = ", ".join(f"{report.count(name)} {name}" for name in fusion_passes.enabled_rewrites())
+    print(f"\n{'OK' if ok else 'FAILED'}: rewrites: {counts}; the fused model "
           f"{'matches' if diff_fused <= tolerance * max(1.0, scale) else 'does NOT match'} eager "
           f"(tolerance {tolerance:g} relative to max |logit| = {scale:.3g})")
     return 0 if ok else 1

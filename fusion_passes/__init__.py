@@ -11,13 +11,13 @@
 import ops  # noqa: F401  (the fused ops the rewrites emit)
 from torch._dynamo import register_backend
 
-from .inductor_backend import FusionPass, backend, enabled_rewrites, install, make_backend
+from .inductor_backend import FusionOptions, FusionPass, backend, enabled_rewrites, install, make_backend
 from .explain import explain
 from .report import GraphReport, Refusal, Report, Rewrite
 
 register_backend(name="moe_fusion")(backend)
 
 __all__ = [
-    "FusionPass", "GraphReport", "Refusal", "Report", "Rewrite", "backend", "enabled_rewrites", "explain", "install",
+    "FusionOptions", "FusionPass", "GraphReport", "Refusal", "Report", "Rewrite", "backend", "enabled_rewrites", "explain", "install",
     "make_backend",
 ]

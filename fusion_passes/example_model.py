@@ -54,7 +54,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts in the transformers v5 layout, computed by gathering each token's expert weights."""
+    """Routed experts in the transformers v5 layout, computed per (token, pick) pair with batched
+    matmuls on the gathered expert weights (transformers' "batched_mm")."""
 
     def __init__(self, cfg: ExampleConfig) -> None:
         super().__init__()
@@ -64,9 +65,14 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.randn(cfg.num_experts, cfg.hidden_size, inter) * inter**-0.5)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        gate, up = torch.einsum("th,tkih->tki", x, self.gate_up_proj[ids]).chunk(2, dim=-1)
-        out = torch.einsum("tki,tkhi->tkh", F.silu(gate) * up, self.down_proj[ids])
-        return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+        topk = ids.shape[-1]
+        rows = x.repeat_interleave(topk, dim=0)  # one row per (token, pick)
+        flat_ids = ids.reshape(-1)
+        gate_up = torch.bmm(self.gate_up_proj[flat_ids], rows.unsqueeze(-1)).squeeze(-1)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.bmm(self.down_proj[flat_ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        out = out * weights.reshape(-1).unsqueeze(-1).to(out.dtype)
+        return out.view(-1, topk, x.shape[-1]).sum(dim=1)
 
 
 class MLP(nn.Module):

@@ -12,14 +12,15 @@ from .report import Report, collector
 
 
 def explain(model: Callable, *inputs: Any, rewrites: Sequence[str] | None = None, dynamic: bool | None = None,
-            **kwargs: Any) -> Report:
+            fuse_experts_on_cpu: bool = False, **kwargs: Any) -> Report:
     """Compiles `model` with the moe_fusion backend, runs it once on `inputs`, and returns the Report.
 
     Caches are bypassed for this compile so that every graph really goes through the passes.
     """
     torch._dynamo.reset()
     collector.take()
-    compiled = torch.compile(model, backend=make_backend(rewrites), dynamic=dynamic)
+    compiled = torch.compile(model, backend=make_backend(rewrites, fuse_experts_on_cpu=fuse_experts_on_cpu),
+                             dynamic=dynamic)
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
         compiled(*inputs, **kwargs)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
-from torch.fx import Node
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
@@ -35,11 +35,6 @@ def static_int(value: Any) -> int | None:
     return None
 
 
-def static_shape(tensor: torch.Tensor) -> tuple[int, ...] | None:
-    dims = tuple(static_int(d) for d in tensor.shape)
-    return None if any(d is None for d in dims) else dims
-
-
 def same_size(a: Any, b: Any) -> bool:
     """Whether two (possibly symbolic) sizes are provably equal."""
     return a == b if isinstance(a, int) and isinstance(b, int) else statically_known_true(a == b)
@@ -49,11 +44,34 @@ def same_shape(a: torch.Size | tuple, b: torch.Size | tuple) -> bool:
     return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
 
 
-def numel_of(shape) -> Any:
-    total = 1
-    for d in shape:
-        total = total * d
-    return total
+def size_sources(shape, likes: list[Node]) -> list[int | tuple[Node, int]] | None:
+    """How to build `shape` as a reshape argument: static sizes as ints, each symbolic one as
+    (node, dim) of one of `likes` with the same size there (read with aten.sym_size); None if a
+    symbolic size has no source."""
+    sources: list[int | tuple[Node, int]] = []
+    for size in shape:
+        value = static_int(size)
+        if value is not None:
+            sources.append(value)
+            continue
+        found = next(((like, j) for like in likes if fake(like) is not None
+                      for j, other in enumerate(fake(like).shape)
+                      if static_int(other) is None and same_size(other, size)), None)
+        if found is None:
+            return None
+        sources.append(found)
+    return sources
+
+
+def shape_arg(shape) -> list[int]:
+    """`shape` as a reshape argument: its sizes, with -1 for the one symbolic size (if any).
+
+    Raises ValueError when several sizes are symbolic (the graph would need size nodes)."""
+    dims = [static_int(d) for d in shape]
+    symbolic = [i for i, d in enumerate(dims) if d is None]
+    if len(symbolic) > 1:
+        raise ValueError(f"cannot express a shape with {len(symbolic)} symbolic sizes as a reshape argument")
+    return [-1 if d is None else d for d in dims]
 
 
 def is_last_dim(dim: Any, ndim: int) -> bool:
@@ -72,8 +90,41 @@ def scalar_constant(arg: Any) -> float | int | bool | None:
     return None
 
 
-def getitem_users(node: Node, index: int) -> list[Node]:
-    return [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
+def silu_core(node: Any) -> Node | None:
+    """g when `node` computes silu(g) as silu(g), g * sigmoid(g) or g / (1 + exp(-g))."""
+    if not isinstance(node, Node):
+        return None
+    if node.target == aten.silu.default:
+        return node.args[0]
+    if node.target == aten.mul.Tensor:
+        a, b = node.args[:2]
+        for g, s in ((a, b), (b, a)):
+            if isinstance(s, Node) and s.target == aten.sigmoid.default and s.args[0] is g:
+                return g
+    if node.target == aten.div.Tensor:
+        g, denominator = node.args[:2]
+        if isinstance(denominator, Node) and denominator.target == aten.add.Tensor:
+            e, one = denominator.args[:2]
+            if scalar_constant(e) == 1:
+                e, one = one, e
+            if scalar_constant(one) == 1 and isinstance(e, Node) and e.target == aten.exp.default:
+                negated = e.args[0]
+                if isinstance(negated, Node) and negated.target == aten.neg.default and negated.args[0] is g:
+                    return g
+    return None
+
+
+def silu_input(node: Any) -> Node | None:
+    """g when `node` computes silu(g), also in the form eager uses for 16-bit g: computed in float32
+    and rounded back, convert(silu(convert(g, float32)), g.dtype)."""
+    if isinstance(node, Node) and node.target == prims.convert_element_type.default:
+        upcast = silu_core(node.args[0])
+        if isinstance(upcast, Node) and upcast.target == prims.convert_element_type.default \
+                and upcast.args[1] == torch.float32 and fake(upcast.args[0]) is not None \
+                and fake(upcast.args[0]).dtype == node.args[1]:
+            return upcast.args[0]
+        return None
+    return silu_core(node)
 
 
 def kwarg_or_arg(node: Node, position: int, name: str, default: Any) -> Any:
@@ -95,3 +146,38 @@ def describe_location(node: Node) -> str:
         if lines:
             parts.append(lines[-1])
     return " | ".join(parts) if parts else node.name
+
+
+class GraphBuilder:
+    """Inserts call_function nodes with their fake values (what Inductor needs to lower them)."""
+
+    def __init__(self, graph: Graph, example: Node) -> None:
+        self.graph = graph
+        self.fake_mode = detect_fake_mode([fake(example)])
+
+    def call(self, target: Any, args: tuple) -> Node:
+        node = self.graph.call_function(target, args)
+        with self.fake_mode:
+            node.meta["val"] = target(*_values(args))
+        return node
+
+    def reshape_like(self, tensor: Node, shape_sources: list) -> Node:
+        """tensor reshaped to `shape_sources` (see size_sources); sizes read with aten.sym_size."""
+        sizes = [s if isinstance(s, int) else self.call(aten.sym_size.int, s) for s in shape_sources]
+        return self.call(aten.reshape.default, (tensor, sizes))
+
+    def conform(self, tensor: Node, target: torch.Tensor, shape_sources: list | None) -> Node:
+        """tensor in the shape and dtype of `target` (shape_sources from size_sources when they differ)."""
+        if not same_shape(fake(tensor).shape, target.shape):
+            tensor = self.reshape_like(tensor, shape_sources)
+        if fake(tensor).dtype != target.dtype:
+            tensor = self.call(prims.convert_element_type.default, (tensor, target.dtype))
+        return tensor
+
+
+def _values(args: Any) -> Any:
+    if isinstance(args, Node):
+        return args.meta["val"]
+    if isinstance(args, (list, tuple)):
+        return type(args)(_values(a) for a in args)
+    return args

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,11 +19,31 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .report import GraphReport, Refusal, collector, logger, op_counts
+from .experts import rewrite_experts
 from .routing import rewrite_routing
+from .shared_experts import rewrite_shared_experts
 
-REWRITES: dict[str, Callable] = {"routing": rewrite_routing}
+# In order: the experts rewrite starts from the fused gates the routing rewrite made, and the
+# shared-expert rewrite from the fused_experts calls the experts rewrite made.
+REWRITES: dict[str, Callable] = {
+    "routing": rewrite_routing,
+    "experts": rewrite_experts,
+    "shared_experts": rewrite_shared_experts,
+}
 
 _PASS_SOURCES = tuple(sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py"))))
+
+
+@dataclass(frozen=True)
+class FusionOptions:
+    """Settings of the rewrites (part of the pass's cache key).
+
+    fuse_experts_on_cpu: on the CPU, fused_experts runs per-expert ATen matmuls, which is not faster
+    than Inductor's code for the unfused experts, so the experts and shared-expert rewrites only
+    apply to CUDA graphs unless this is set (tests set it to check the rewrites on the CPU).
+    """
+
+    fuse_experts_on_cpu: bool = False
 
 
 def enabled_rewrites(names: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -39,15 +60,17 @@ def enabled_rewrites(names: Sequence[str] | None = None) -> tuple[str, ...]:
 class FusionPass(CustomGraphPass):
     """Runs the enabled rewrites on a post-grad graph, then `chained` (a pass configured before)."""
 
-    def __init__(self, rewrites: Sequence[str] | None = None, chained: Any = None) -> None:
+    def __init__(self, rewrites: Sequence[str] | None = None, chained: Any = None,
+                 options: FusionOptions = FusionOptions()) -> None:
         self.rewrites = enabled_rewrites(rewrites)
         self.chained = chained.chained if isinstance(chained, FusionPass) else chained
+        self.options = options
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         report = GraphReport(collector.next_index(), graph_before=str(graph), ops_before=op_counts(graph))
         for name in self.rewrites:
             try:
-                rewrites, refusals = REWRITES[name](graph)
+                rewrites, refusals = REWRITES[name](graph, self.options)
             except Exception as err:  # a bug in a rewrite must not break the user's compile
                 logger.warning("moe_fusion: the %s rewrite failed and was skipped: %r", name, err)
                 rewrites, refusals = [], [Refusal(name, "graph", f"internal error: {type(err).__name__}: {err}")]
@@ -65,7 +88,7 @@ class FusionPass(CustomGraphPass):
             chained = self.chained.uuid() if hasattr(self.chained, "uuid") else None
             if chained is None:
                 return None  # the chained pass cannot be cached: neither can we
-        return (get_hash_for_files(_PASS_SOURCES), self.rewrites, chained)
+        return (get_hash_for_files(_PASS_SOURCES), self.rewrites, self.options, chained)
 
 
 def _mode_and_option_patches(mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
@@ -82,9 +105,10 @@ def _mode_and_option_patches(mode: str | None, options: dict[str, Any] | None) -
     return patches
 
 
-def make_backend(rewrites: Sequence[str] | None = None) -> Callable:
+def make_backend(rewrites: Sequence[str] | None = None, *, fuse_experts_on_cpu: bool = False) -> Callable:
     """A torch.compile backend running Inductor with the given rewrites (default: all enabled)."""
     names = enabled_rewrites(rewrites)
+    fusion_options = FusionOptions(fuse_experts_on_cpu)
 
     def moe_fusion_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
                            options: dict[str, Any] | None = None):
@@ -92,7 +116,7 @@ def make_backend(rewrites: Sequence[str] | None = None) -> Callable:
 
         patches = _mode_and_option_patches(mode, options)
         configured = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
-        patches["post_grad_custom_post_pass"] = FusionPass(names, chained=configured)
+        patches["post_grad_custom_post_pass"] = FusionPass(names, chained=configured, options=fusion_options)
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     return moe_fusion_backend
@@ -101,13 +125,14 @@ def make_backend(rewrites: Sequence[str] | None = None) -> Callable:
 backend = make_backend()
 
 
-def install(rewrites: Sequence[str] | None = None) -> Callable[[], None]:
+def install(rewrites: Sequence[str] | None = None, *, fuse_experts_on_cpu: bool = False) -> Callable[[], None]:
     """Adds the rewrites to the default "inductor" backend, for code that calls plain torch.compile.
 
     Returns a function that restores the previous post-grad pass.
     """
     previous = inductor_config.post_grad_custom_post_pass
-    inductor_config.post_grad_custom_post_pass = FusionPass(rewrites, chained=previous)
+    inductor_config.post_grad_custom_post_pass = FusionPass(rewrites, chained=previous,
+                                                            options=FusionOptions(fuse_experts_on_cpu))
 
     def uninstall() -> None:
         inductor_config.post_grad_custom_post_pass = previous

@@ -35,11 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rewrites", nargs="*", default=None, choices=list(REWRITES),
                         help="the rewrites to run (default: all enabled)")
     parser.add_argument("--graphs", action="store_true", help="print each graph before and after the passes")
+    parser.add_argument("--cpu-experts", action="store_true",
+                        help="also fuse the experts on the CPU (by default only CUDA graphs get fused experts)")
     args = parser.parse_args(argv)
 
     model, vocab = build(args.model)
     tokens = torch.randint(0, vocab, tuple(args.tokens), generator=torch.Generator().manual_seed(0))
-    report = explain(model, tokens, rewrites=args.rewrites)
+    report = explain(model, tokens, rewrites=args.rewrites, fuse_experts_on_cpu=args.cpu_experts)
     print(report)
     print()
     print(report.op_count_table())

@@ -23,12 +23,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Union
 
 import torch
-from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
 from .graph_utils import (
     IDENTITIES,
     RESHAPES,
+    GraphBuilder,
     aten,
     describe_location,
     fake,
@@ -38,11 +38,14 @@ from .graph_utils import (
     same_shape,
     same_size,
     scalar_constant,
+    shape_arg,
+    size_sources,
     static_int,
 )
 from .report import Refusal, Rewrite
 
 PASS_NAME = "routing"
+GATE_OP = torch.ops.moe_fusion.moe_fused_gate.default
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -714,7 +717,7 @@ class _Plan:
     spelling: str
 
 
-def rewrite_routing(graph: Graph) -> tuple[list[Rewrite], list[Refusal]]:
+def rewrite_routing(graph: Graph, options: Any = None) -> tuple[list[Rewrite], list[Refusal]]:
     analysis = RoutingAnalysis(graph)
     rewrites, refusals = [], []
     for node in list(graph.nodes):
@@ -873,45 +876,37 @@ def _emit(graph: Graph, plan: _Plan) -> None:
     sel, params = plan.sel, plan.params
     num_experts = sel.root.num_experts
     logits, bias = sel.root.logits, sel.bias
-    fake_mode = detect_fake_mode([fake(logits)])
     output_shape = fake(plan.weights_node).shape
     for node in plan.ids_nodes:
         if not same_shape(fake(node).shape, output_shape):
             raise _Unsupported("the ids and the weights leave the routing in different shapes")
-    tokens = output_shape[:-1]
-
-    def call(target_op, args, value_fn):
-        new = graph.call_function(target_op, args)
-        with fake_mode:
-            new.meta["val"] = value_fn()
-        return new
-
-    anchor = plan.topk.node.next
-    with graph.inserting_before(anchor):
-        gate_input = logits
-        if not same_shape(fake(logits).shape, (*tokens, num_experts)):
-            gate_input = call(aten.reshape.default, (logits, _shape_arg(tokens, num_experts)),
-                              lambda: fake(logits).reshape(*tokens, num_experts))
+    target = (*output_shape[:-1], num_experts)
+    sources = None if same_shape(fake(logits).shape, target) else _logits_sizes(target, logits)
+    build = GraphBuilder(graph, logits)
+    with graph.inserting_before(plan.topk.node.next):  # the inputs precede the final top-k
+        gate_input = logits if sources is None else build.reshape_like(logits, sources)
         gate_bias = bias
         if bias is not None and fake(bias).dim() != 1:
-            gate_bias = call(aten.reshape.default, (bias, [num_experts]), lambda: fake(bias).reshape(num_experts))
-        args = (gate_input, gate_bias, params["num_expert_group"], params["topk_group"], params["topk"],
-                params["scoring_func"], params["group_score_topk"], params["masked_score"], params["renormalize"],
-                params["renormalize_eps"], params["routed_scaling_factor"], 0, False,
-                params["weights_from_masked_scores"], params["compute_dtype"], params["weights_dtype"], torch.int64)
-        op = torch.ops.moe_fusion.moe_fused_gate.default
-        fused = call(op, args, lambda: op(*[fake(a) if isinstance(a, Node) else a for a in args]))
-        weights = call(operator.getitem, (fused, 0), lambda: fused.meta["val"][0])
-        ids = call(operator.getitem, (fused, 1), lambda: fused.meta["val"][1])
+            gate_bias = build.call(aten.reshape.default, (bias, [num_experts]))
+        fused = build.call(GATE_OP, (
+            gate_input, gate_bias, params["num_expert_group"], params["topk_group"], params["topk"],
+            params["scoring_func"], params["group_score_topk"], params["masked_score"], params["renormalize"],
+            params["renormalize_eps"], params["routed_scaling_factor"], 0, False,
+            params["weights_from_masked_scores"], params["compute_dtype"], params["weights_dtype"], torch.int64))
+        weights = build.call(operator.getitem, (fused, 0))
+        ids = build.call(operator.getitem, (fused, 1))
     plan.weights_node.replace_all_uses_with(weights)
     for node in plan.ids_nodes:
         node.replace_all_uses_with(ids)
 
 
-def _shape_arg(tokens, num_experts: int) -> list:
-    dims = [static_int(d) for d in tokens]
-    if all(d is not None for d in dims):
-        return [*dims, num_experts]
-    if len(dims) == 1:
-        return [-1, num_experts]
-    raise _Unsupported("the routing outputs have several symbolic token dimensions that differ from the logits'")
+def _logits_sizes(target, logits: Node) -> list:
+    """Sizes to reshape the logits to the outputs' token layout (symbolic ones read from the logits,
+    or -1 for a single merged symbolic size)."""
+    sources = size_sources(target, [logits])
+    if sources is not None:
+        return sources
+    try:
+        return shape_arg(target)
+    except ValueError as err:
+        raise _Unsupported(f"the routing outputs have a token layout the logits cannot be reshaped to ({err})")

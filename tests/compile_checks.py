@@ -25,12 +25,13 @@ def no_compile_caches():
         yield
 
 
-def compile_with_report(model, *inputs, rewrites=None, dynamic=None, backend=None):
-    """Compiles `model` with the fusion backend (caches off), runs it on `inputs` under no_grad and
-    returns (compiled, outputs, report)."""
+def compile_with_report(model, *inputs, rewrites=None, dynamic=None, backend=None, fuse_experts_on_cpu=True):
+    """Compiles `model` with the fusion backend (caches off; experts fused on the CPU too, so that the
+    tests see the rewrites), runs it on `inputs` under no_grad and returns (compiled, outputs, report)."""
     torch._dynamo.reset()
     collector.take()
-    compiled = torch.compile(model, backend=backend or fusion_passes.make_backend(rewrites), dynamic=dynamic)
+    backend = backend or fusion_passes.make_backend(rewrites, fuse_experts_on_cpu=fuse_experts_on_cpu)
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
     with no_compile_caches(), torch.no_grad():
         outputs = compiled(*inputs)
     return compiled, outputs, collector.take()

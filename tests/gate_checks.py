@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-import ops
 from ops.reference import gate_reference, gate_weights_for_ids
 
 # Score precision: an ulp of float32 scores, or of the 16-bit dtype the routing is emulated in.

@@ -210,7 +210,7 @@ def test_a_bug_in_a_rewrite_does_not_break_the_compile(monkeypatch):
 def test_explain_reports_location_spelling_and_graphs():
     model = ExampleMoEModel().eval()
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 7))
-    report = fusion_passes.explain(model, tokens)
+    report = fusion_passes.explain(model, tokens, rewrites=["routing"])
     assert report.count("routing") == model.cfg.num_layers
     rewrite = report.rewrites[0]
     assert "layers.0.gate" in rewrite.location
@@ -231,7 +231,7 @@ def test_rewrites_are_logged(caplog):
 def test_example_model_matches_eager_with_one_gate_per_layer():
     model = ExampleMoEModel().eval()
     tokens = torch.randint(0, model.cfg.vocab_size, (3, 5))
-    compiled, outputs, report = compile_with_report(model, tokens)
+    compiled, outputs, report = compile_with_report(model, tokens, rewrites=["routing"])
     assert report.count("routing") == model.cfg.num_layers
     with torch.no_grad():
         assert fused_op_calls(compiled, tokens) == {GATE: model.cfg.num_layers}
@@ -246,7 +246,7 @@ def test_hf_transformers_models(kind, experts_implementation):
 
     model = tiny_hf_moe(kind, experts_implementation)
     tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-    compiled, outputs, report = compile_with_report(model, tokens)
+    compiled, outputs, report = compile_with_report(model, tokens, rewrites=["routing"])
     layers = model.config.num_hidden_layers
     assert report.count("routing") == layers, [r.reason for r in report.refusals]
     with torch.no_grad():
@@ -304,7 +304,8 @@ def test_hand_written_look_alikes_are_refused_with_a_reason(change, reason):
 def test_inspect_cli_prints_the_report(capsys):
     from fusion_passes import inspect as inspect_cli
 
-    inspect_cli.main(["--model", "example", "--graphs"])
+    inspect_cli.main(["--model", "example", "--graphs", "--cpu-experts"])
     out = capsys.readouterr().out
-    assert "2 rewrite(s), 0 refusal(s)" in out
-    assert "moe_fusion.moe_fused_gate.default" in out and "== graph 0 after ==" in out
+    assert "6 rewrite(s), 0 refusal(s)" in out  # per layer: routing, experts, shared experts
+    assert "moe_fusion.moe_fused_gate.default" in out and "moe_fusion.fused_experts.default" in out
+    assert "== graph 0 after ==" in out

@@ -1,0 +1,571 @@
+"""Experts rewrite: the routed experts computation becomes one ``moe_fusion::fused_experts``.
+
+It runs after the routing rewrite and starts from each fused gate's outputs (the per-token expert
+ids and weights). Like the routing rewrite, it reads the post-grad graph forward and gives nodes a
+meaning ("the pairs sorted by expert", "x @ W_e^T for each sorted pair", "silu(gate) * up",
+"the down projection weighted by the routing weight, back in pair order", "the sum over the k picks")
+with one rule per ATen op that checks every argument. Two public implementations are covered:
+
+- transformers v5 ``grouped_mm``: sort the (token, pick) pairs by expert, gather the tokens' rows,
+  ``histc`` + ``cumsum`` offsets, ``_grouped_mm`` (or transformers' CPU fallback op) for gate_up and
+  down, weight, un-permute with the inverse permutation, sum over the picks;
+- transformers v5 ``batched_mm``: replicate each token's row per pick, gather the experts' weight
+  matrices by id, ``bmm`` for gate_up and down, weight, sum over the picks.
+
+The rewrite replaces the sum with ``fused_experts`` on the model's own weight tensors (views, no
+copies); intermediates other code still uses keep being computed.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.fx import Graph, Node
+
+from .graph_utils import (
+    IDENTITIES,
+    RESHAPES,
+    GraphBuilder,
+    aten,
+    describe_location,
+    fake,
+    is_last_dim,
+    silu_core,
+    kwarg_or_arg,
+    prims,
+    same_size,
+    size_sources,
+    static_int,
+)
+from .report import Refusal, Rewrite
+
+PASS_NAME = "experts"
+GATE_OP = torch.ops.moe_fusion.moe_fused_gate.default
+EXPERTS_OP = torch.ops.moe_fusion.fused_experts.default
+
+
+def _grouped_mm_ops() -> set:
+    ops = {aten._grouped_mm.default} if hasattr(aten, "_grouped_mm") else set()
+    transformers_ops = getattr(torch.ops, "transformers", None)
+    fallback = getattr(transformers_ops, "grouped_mm_fallback", None) if transformers_ops is not None else None
+    if fallback is not None:  # registered when transformers is imported
+        ops.add(fallback.default)
+    return ops
+
+
+# --------------------------------------------------------------------------------------------------
+# Meanings
+
+
+@dataclass(frozen=True)
+class Route:
+    """A fused gate: per token, `topk` expert ids and weights."""
+
+    gate: Node
+    num_experts: int
+    topk: int
+
+
+@dataclass(frozen=True)
+class Ids:
+    route: Route
+    flat: bool  # [T*K] rather than [T, K]
+
+
+@dataclass(frozen=True)
+class RouteWeights:
+    route: Route
+    flat: bool
+    source: Node  # the [T, K] weights tensor (the gate's, or the gate's times a run-time scalar)
+
+
+@dataclass(frozen=True)
+class SortPair:
+    route: Route
+
+
+@dataclass(frozen=True)
+class SortedIds:
+    route: Route
+
+
+@dataclass(frozen=True)
+class Perm:  # pair index of each sorted row
+    route: Route
+
+
+@dataclass(frozen=True)
+class InversePerm:  # sorted row of each pair
+    route: Route
+
+
+@dataclass(frozen=True)
+class SortedTokens:  # token of each sorted row
+    route: Route
+
+
+@dataclass(frozen=True)
+class SortedRows:  # x[token of each sorted row]
+    route: Route
+    x: Node
+
+
+@dataclass(frozen=True)
+class SortedWeights:
+    route: Route
+    source: Node
+
+
+@dataclass(frozen=True)
+class Counts:  # histc of the sorted ids over the experts
+    route: Route
+
+
+@dataclass(frozen=True)
+class Offsets:  # cumulative counts (int32): the groups of grouped_mm
+    route: Route
+
+
+@dataclass(frozen=True)
+class ExpertMatrices:  # W[ids] for each pair: [T*K, N, H]
+    route: Route
+    weight: Node
+
+
+@dataclass(frozen=True)
+class Proj:
+    """Rows [start, stop) of x @ W_e^T for each pair ("pair" order) or sorted row ("sorted")."""
+
+    route: Route
+    x: Node
+    space: str
+    weight: Node
+    start: int
+    stop: int
+    column: bool = False  # [.., N, 1] before the squeeze of a bmm
+    upcast: bool = False  # a 16-bit projection converted to float32 (for a float32 silu)
+
+
+@dataclass(frozen=True)
+class SplitProj:
+    proj: Proj
+    size: int
+
+
+@dataclass(frozen=True)
+class Activated:  # silu(proj)
+    proj: Proj
+
+
+@dataclass(frozen=True)
+class Inter:  # silu(x @ gate_e^T) * (x @ up_e^T)
+    route: Route
+    x: Node
+    space: str
+    gate: tuple[Node, int, int]
+    up: tuple[Node, int, int]
+    column: bool = False
+
+
+@dataclass(frozen=True)
+class ExpertOut:  # Expert_e(x) per pair or sorted row, possibly times the routing weight
+    inter: Inter
+    down: Node
+    space: str
+    weights: Node | None  # the [T, K] routing weights it is multiplied by, if any
+    column: bool = False
+    per_pick: bool = False  # [T, K, H]
+
+
+@dataclass(frozen=True)
+class Routed:  # sum over the picks: [.., H]
+    out: ExpertOut
+
+
+# --------------------------------------------------------------------------------------------------
+# Analysis
+
+
+def _base(node: Any) -> Any:
+    """The tensor a chain of reshapes / identities starts from."""
+    while isinstance(node, Node) and (node.target in RESHAPES or node.target in IDENTITIES):
+        node = node.args[0]
+    return node
+
+
+def _permuted_weight(node: Any, route: Route) -> Node | None:
+    """W when node is permute(W, [0, 2, 1]) of a [E, N, K] tensor (grouped_mm's right operand)."""
+    if not (isinstance(node, Node) and node.target == aten.permute.default and list(node.args[1]) == [0, 2, 1]):
+        return None
+    weight = node.args[0]
+    shape = fake(weight).shape if fake(weight) is not None else None
+    if shape is None or len(shape) != 3 or static_int(shape[0]) != route.num_experts:
+        return None
+    return weight
+
+
+def _rows_per_pick(node: Any, route: Route) -> Node | None:
+    """x when node is each token's row repeated for its k picks: [T*K, H] (repeat_interleave, or
+    unsqueeze + expand + clone + reshape as it decomposes)."""
+    node = node if not (isinstance(node, Node) and node.target in IDENTITIES) else node.args[0]
+    if not (isinstance(node, Node) and node.target in RESHAPES):
+        return None
+    inner = node.args[0]
+    while isinstance(inner, Node) and inner.target in IDENTITIES:
+        inner = inner.args[0]
+    if not (isinstance(inner, Node) and inner.target == aten.expand.default):
+        return None
+    unsqueezed = inner.args[0]
+    if not (isinstance(unsqueezed, Node) and unsqueezed.target == aten.unsqueeze.default and unsqueezed.args[1] == 1):
+        return None
+    x = unsqueezed.args[0]
+    expanded = fake(inner).shape
+    if fake(x) is None or fake(x).dim() != 2 or len(expanded) != 3 or static_int(expanded[1]) != route.topk:
+        return None
+    return x
+
+
+class ExpertsAnalysis:
+    def __init__(self, graph: Graph) -> None:
+        self.meaning: dict[Node, Any] = {}
+        self.grouped_mm = _grouped_mm_ops()
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            meaning = self._interpret(node)
+            if meaning is not None:
+                self.meaning[node] = meaning
+
+    def of(self, arg: Any) -> Any:
+        return self.meaning.get(arg) if isinstance(arg, Node) else None
+
+    def _interpret(self, node: Node):
+        if node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].target == GATE_OP:
+            return self._gate_output(node)
+        if not any(a in self.meaning for a in node.all_input_nodes):
+            return None
+        if node.target in self.grouped_mm:
+            return self.grouped_mm_rule(node)
+        handler = _HANDLERS.get(node.target)
+        return handler(self, node) if handler is not None else None
+
+    def _gate_output(self, node: Node):
+        gate = node.args[0]
+        topk, shared = gate.args[4], gate.args[11]
+        if shared != 0:  # already carries fused shared columns
+            return None
+        route = Route(gate, int(fake(gate.args[0]).shape[-1]), topk)
+        return Ids(route, False) if node.args[1] == 1 else RouteWeights(route, False, node)
+
+    # ---- rules
+
+    def reshape(self, node: Node):
+        m, out, source = self.of(node.args[0]), fake(node), fake(node.args[0])
+        if isinstance(m, (Ids, RouteWeights)) and not m.flat and out.dim() == 1:
+            return replace(m, flat=True)
+        if isinstance(m, ExpertOut) and m.space == "pair" and m.weights is not None and not m.per_pick \
+                and out.dim() == 3 \
+                and static_int(out.shape[1]) == m.inter.route.topk and same_size(out.shape[2], source.shape[-1]):
+            return replace(m, per_pick=True)
+        if isinstance(m, Routed) and same_size(out.shape[-1], source.shape[-1]):
+            return m  # token reshape
+        return None
+
+    def identity(self, node: Node):
+        return self.of(node.args[0])
+
+    def convert(self, node: Node):
+        m, dtype = self.of(node.args[0]), node.args[1]
+        source = fake(node.args[0]).dtype
+        if isinstance(m, (RouteWeights, SortedWeights)):
+            return m  # the weights in another dtype
+        if isinstance(m, SortedIds) and dtype in (torch.float32, torch.int32):
+            return m  # exact for expert ids (histc takes float on the CPU, int on CUDA)
+        # Eager runs silu on 16-bit tensors in float32 and rounds the result back.
+        if isinstance(m, Proj) and not m.upcast and not m.column and dtype == torch.float32 and source != dtype:
+            return replace(m, upcast=True)
+        if isinstance(m, Activated) and m.proj.upcast and dtype == fake(m.proj.weight).dtype:
+            return Activated(replace(m.proj, upcast=False))
+        if isinstance(m, Routed) and dtype == fake(m.out.inter.x).dtype:
+            return m  # a sum computed in float32 (float32 routing weights) rounded to the hidden dtype
+        return None
+
+    def sort(self, node: Node):
+        m = self.of(node.args[0])
+        dim, descending = kwarg_or_arg(node, 1, "dim", -1), kwarg_or_arg(node, 2, "descending", False)
+        if isinstance(m, Ids) and m.flat and dim in (0, -1) and not descending:
+            return SortPair(m.route)
+        return None
+
+    def argsort(self, node: Node):
+        m = self.of(node.args[0])
+        if isinstance(m, Ids) and m.flat and kwarg_or_arg(node, 1, "dim", -1) in (0, -1) \
+                and not kwarg_or_arg(node, 2, "descending", False):
+            return Perm(m.route)
+        return None
+
+    def getitem(self, node: Node):
+        m, index = self.of(node.args[0]), node.args[1]
+        if isinstance(m, SortPair):
+            return SortedIds(m.route) if index == 0 else Perm(m.route)
+        if isinstance(m, SplitProj) and index in (0, 1):
+            start = m.proj.start + index * m.size
+            return replace(m.proj, start=start, stop=start + m.size)
+        return None
+
+    def floor_divide(self, node: Node):
+        m = self.of(node.args[0])
+        if isinstance(m, Perm) and node.kwargs.get("rounding_mode") == "floor" and node.args[1] == m.route.topk:
+            return SortedTokens(m.route)
+        return None
+
+    def index(self, node: Node):
+        source, indices = node.args[:2]
+        if len(indices) != 1 or not isinstance(indices[0], Node):
+            return None
+        by, m = self.of(indices[0]), self.of(source)
+        if isinstance(by, SortedTokens) and m is None and fake(source) is not None and fake(source).dim() == 2:
+            return SortedRows(by.route, source)
+        if isinstance(by, Perm) and isinstance(m, RouteWeights) and m.flat and m.route == by.route:
+            return SortedWeights(by.route, m.source)
+        if isinstance(by, Ids) and by.flat and m is None and fake(source) is not None and fake(source).dim() == 3 \
+                and static_int(fake(source).shape[0]) == by.route.num_experts:
+            return ExpertMatrices(by.route, source)
+        if isinstance(by, InversePerm) and isinstance(m, ExpertOut) and m.space == "sorted" \
+                and m.weights is not None and m.inter.route == by.route:
+            return replace(m, space="pair")
+        return None
+
+    def histc(self, node: Node):
+        m = self.of(node.args[0])
+        bins, low, high = (kwarg_or_arg(node, 1, "bins", 100), kwarg_or_arg(node, 2, "min", 0),
+                           kwarg_or_arg(node, 3, "max", 0))
+        if isinstance(m, SortedIds) and bins == m.route.num_experts and low == 0 and high == m.route.num_experts - 1:
+            return Counts(m.route)
+        return None
+
+    def cumsum(self, node: Node):
+        m = self.of(node.args[0])
+        if isinstance(m, Counts) and node.args[1] in (0, -1) and fake(node).dtype == torch.int32:
+            return Offsets(m.route)
+        return None
+
+    def index_put(self, node: Node):
+        base, indices, values = node.args[:3]
+        accumulate = kwarg_or_arg(node, 3, "accumulate", False)
+        if len(indices) != 1 or accumulate or not isinstance(self.of(indices[0]), Perm):
+            return None
+        route = self.of(indices[0]).route
+        pairs = fake(base).shape[0]
+        if not (isinstance(values, Node) and values.target == prims.iota.default and values.kwargs.get("start", 0) == 0
+                and values.kwargs.get("step", 1) == 1 and same_size(values.args[0], pairs)):
+            return None
+        return InversePerm(route)
+
+    def grouped_mm_rule(self, node: Node):
+        rows, right, offsets = node.args[:3]
+        if any(a is not None for a in node.args[3:]) or any(v is not None for v in node.kwargs.values()):
+            return None  # bias or out_dtype
+        m, groups = self.of(rows), self.of(offsets)
+        if not isinstance(groups, Offsets):
+            return None
+        route = groups.route
+        weight = _permuted_weight(right, route)
+        if weight is None:
+            return None
+        if isinstance(m, SortedRows) and m.route == route and same_size(fake(weight).shape[2], fake(m.x).shape[-1]):
+            return Proj(route, m.x, "sorted", weight, 0, int(fake(weight).shape[1]))
+        if isinstance(m, Inter) and m.space == "sorted" and m.route == route:
+            return self._down(m, weight, "sorted")
+        return None
+
+    def bmm(self, node: Node):
+        left, right = node.args[:2]
+        matrices, column = self.of(left), self.of(right)
+        if not isinstance(matrices, ExpertMatrices):
+            return None
+        route, weight = matrices.route, matrices.weight
+        if column is None and isinstance(right, Node) and right.target == aten.unsqueeze.default \
+                and right.args[1] in (-1, 2):
+            x = _rows_per_pick(right.args[0], route)
+            if x is not None and same_size(fake(weight).shape[2], fake(x).shape[-1]):
+                return Proj(route, x, "pair", weight, 0, int(fake(weight).shape[1]), column=True)
+        if isinstance(column, Inter) and column.column and column.space == "pair" and column.route == route:
+            return replace(self._down(replace(column, column=False), weight, "pair"), column=True)
+        return None
+
+    def _down(self, inter: Inter, weight: Node, space: str):
+        shape = fake(weight).shape  # [E, H, I]
+        if static_int(shape[2]) != inter.gate[2] - inter.gate[1] or not same_size(shape[1], fake(inter.x).shape[-1]):
+            return None
+        return ExpertOut(inter, weight, space, weights=None)
+
+    def squeeze(self, node: Node):
+        m = self.of(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else None
+        if isinstance(m, (Proj, ExpertOut)) and m.column and dims in (-1, 2, [-1], [2]):
+            return replace(m, column=False)
+        return None
+
+    def unsqueeze(self, node: Node):
+        m = self.of(node.args[0])
+        if isinstance(m, Inter) and m.space == "pair" and not m.column and node.args[1] in (-1, 2):
+            return replace(m, column=True)
+        if isinstance(m, (SortedWeights, RouteWeights)) and node.args[1] in (-1, 1):
+            return m  # [.., 1] for broadcasting against [.., H]
+        return None
+
+    def split(self, node: Node):
+        m = self.of(node.args[0])
+        size, dim = node.args[1], kwarg_or_arg(node, 2, "dim", 0)
+        if isinstance(m, Proj) and not m.column and isinstance(size, int) and is_last_dim(dim, 2) \
+                and m.stop - m.start == 2 * size:
+            return SplitProj(m, size)
+        return None
+
+    def activation(self, node: Node):
+        proj = self.of(silu_core(node))
+        return Activated(proj) if isinstance(proj, Proj) and not proj.column else None
+
+    def mul(self, node: Node):
+        a, b = node.args[:2]
+        ma, mb = self.of(a), self.of(b)
+        if isinstance(ma, Proj) or isinstance(mb, Proj):  # silu as x * sigmoid(x)
+            activated = self.activation(node)
+            if activated is not None:
+                return activated
+        for act, up in ((ma, mb), (mb, ma)):
+            if isinstance(act, Activated) and not act.proj.upcast and isinstance(up, Proj) and not up.column \
+                    and not up.upcast and up.space == act.proj.space and up.x is act.proj.x \
+                    and up.route == act.proj.route and up.stop - up.start == act.proj.stop - act.proj.start:
+                gate = (act.proj.weight, act.proj.start, act.proj.stop)
+                return Inter(up.route, up.x, up.space, gate, (up.weight, up.start, up.stop))
+        for out, weights in ((ma, mb), (mb, ma)):
+            if isinstance(out, ExpertOut) and out.weights is None and not out.column and out.inter.route == getattr(
+                    weights, "route", None):
+                if out.space == "sorted" and isinstance(weights, SortedWeights) \
+                        or out.space == "pair" and isinstance(weights, RouteWeights) and weights.flat:
+                    return replace(out, weights=weights.source)
+        for weights, factor in ((ma, b), (mb, a)):  # weights times a run-time scalar (e.g. a dynamic float)
+            if isinstance(weights, RouteWeights) and not weights.flat and self.of(factor) is None \
+                    and fake(factor) is not None and fake(factor).numel() == 1:
+                return replace(weights, source=node)
+        return None
+
+    def sum(self, node: Node):
+        m = self.of(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else None
+        if isinstance(m, ExpertOut) and m.per_pick and dims in ([1], [-2]) \
+                and not kwarg_or_arg(node, 2, "keepdim", False) and node.kwargs.get("dtype") is None:
+            return Routed(m)
+        return None
+
+
+_HANDLERS = {
+    operator.getitem: ExpertsAnalysis.getitem,
+    aten.sort.default: ExpertsAnalysis.sort,
+    aten.sort.stable: ExpertsAnalysis.sort,
+    aten.argsort.default: ExpertsAnalysis.argsort,
+    aten.div.Tensor_mode: ExpertsAnalysis.floor_divide,
+    aten.index.Tensor: ExpertsAnalysis.index,
+    aten.histc.default: ExpertsAnalysis.histc,
+    aten.cumsum.default: ExpertsAnalysis.cumsum,
+    aten.index_put.default: ExpertsAnalysis.index_put,
+    aten.bmm.default: ExpertsAnalysis.bmm,
+    aten.squeeze.dim: ExpertsAnalysis.squeeze,
+    aten.squeeze.dims: ExpertsAnalysis.squeeze,
+    aten.unsqueeze.default: ExpertsAnalysis.unsqueeze,
+    aten.split.Tensor: ExpertsAnalysis.split,
+    aten.silu.default: ExpertsAnalysis.activation,
+    aten.div.Tensor: ExpertsAnalysis.activation,
+    aten.mul.Tensor: ExpertsAnalysis.mul,
+    aten.sum.dim_IntList: ExpertsAnalysis.sum,
+    prims.convert_element_type.default: ExpertsAnalysis.convert,
+    **{op: ExpertsAnalysis.reshape for op in RESHAPES},
+    **{op: ExpertsAnalysis.identity for op in IDENTITIES},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Rewrite
+
+
+def rewrite_experts(graph: Graph, options: Any) -> tuple[list[Rewrite], list[Refusal]]:
+    analysis = ExpertsAnalysis(graph)
+    rewrites, refusals = [], []
+    done: set[ExpertOut] = set()
+    for node in list(graph.nodes):
+        meaning = analysis.meaning.get(node)
+        if not isinstance(meaning, Routed) or meaning.out in done:
+            continue
+        # Replace the outermost node that still means this sum (a token reshape of it, if any).
+        if any(isinstance(analysis.meaning.get(u), Routed) and analysis.meaning[u].out == meaning.out
+               for u in node.users):
+            continue
+        done.add(meaning.out)
+        location = describe_location(node)
+        plan = _plan(meaning, node, options)
+        if isinstance(plan, str):
+            refusals.append(Refusal(PASS_NAME, location, plan))
+            continue
+        _emit(graph, node, meaning, plan)
+        out = meaning.out
+        rewrites.append(Rewrite(PASS_NAME, location, _spelling(out), dict(
+            num_experts=out.inter.route.num_experts, topk=out.inter.route.topk,
+            intermediate_size=out.inter.gate[2] - out.inter.gate[1], hidden_size=int(fake(out.inter.x).shape[-1]),
+            gate=_slice_text(out.inter.gate), up=_slice_text(out.inter.up), down=out.down.name)))
+    if rewrites:
+        graph.eliminate_dead_code()
+        graph.lint()
+    return rewrites, refusals
+
+
+def _spelling(out: ExpertOut) -> str:
+    layout = "gate_up [E, 2I, H]" if out.inter.gate[0] is out.inter.up[0] else "separate gate and up [E, I, H]"
+    way = "sort + grouped_mm + inverse permutation" if out.inter.space == "sorted" else "per-pick bmm"
+    return f"{way}; {layout}; silu(gate) * up; down [E, H, I]; weighted sum over the picks"
+
+
+def _slice_text(part: tuple[Node, int, int]) -> str:
+    weight, start, stop = part
+    return f"{weight.name}[:, {start}:{stop}]"
+
+
+def _plan(meaning: Routed, node: Node, options: Any) -> list | str:
+    """How to shape the fused output like `node` (see size_sources), or why the rewrite is refused."""
+    inter = meaning.out.inter
+    x = fake(inter.x)
+    if x.device.type == "cpu" and not options.fuse_experts_on_cpu:
+        return ("on the CPU, fused_experts (per-expert ATen matmuls) is not faster than Inductor's code for "
+                "these experts, so they are left as they are (fuse_experts_on_cpu=True fuses them anyway)")
+    dtypes = {x.dtype} | {fake(w).dtype for w in (inter.gate[0], inter.up[0], meaning.out.down)}
+    if len(dtypes) != 1:
+        return f"the hidden states and the expert weights have different dtypes ({sorted(map(str, dtypes))})"
+    target = fake(node)
+    if not same_size(target.numel(), x.numel()) or not same_size(target.shape[-1], x.shape[-1]):
+        return "the routed output does not have the hidden states' shape"
+    sources = size_sources(target.shape, [inter.x, _base(inter.x)])
+    if sources is None:
+        return "the routed output's shape cannot be rebuilt from the hidden states' sizes"
+    return sources
+
+
+def _emit(graph: Graph, node: Node, meaning: Routed, shape_sources: list) -> None:
+    inter, down = meaning.out.inter, meaning.out.down
+    build = GraphBuilder(graph, inter.x)
+
+    def weight_view(part: tuple[Node, int, int]) -> Node:
+        weight, start, stop = part
+        if start == 0 and stop == fake(weight).shape[1]:
+            return weight
+        return build.call(aten.slice.Tensor, (weight, 1, start, stop))
+
+    with graph.inserting_before(node):  # every input of the fused op is defined before the sum
+        ids = build.call(operator.getitem, (inter.route.gate, 1))
+        fused = build.call(EXPERTS_OP, (inter.x, meaning.out.weights, ids, weight_view(inter.gate),
+                                        weight_view(inter.up), down, None, None, None, None))
+        result = build.conform(fused, fake(node), shape_sources)
+    node.replace_all_uses_with(result)

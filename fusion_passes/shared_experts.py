@@ -1,0 +1,271 @@
+"""Shared-expert rewrite: ``routed + shared_mlp(x)`` becomes one ``fused_experts`` call.
+
+It runs after the experts rewrite, on each ``fused_experts`` (without shared slots) whose output is
+added to a separate shared MLP ``down(silu(gate(x)) * up(x))`` of the same tokens, possibly gated per
+token by ``sigmoid(x @ w)`` (Qwen2-MoE). A shared MLP of intermediate size ``S*I`` is the sum of
+``S`` experts of the routed size ``I``, so the rewrite asks a copy of the fused gate for ``S`` extra
+columns (ids ``E..E+S-1``, weight 1) and passes the shared MLP's own Linear weights to
+``fused_experts`` as those slots: nothing is copied. A routed scaling applied to the routed output
+(``routed * rsf + shared``) moves into the gate's weights.
+
+Anything else between the routed sum and the add (a norm, a projection, an average), a shared MLP
+that reads other tokens, another activation or biased Linears: the graph is left as it was and the
+report says why.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import Graph, Node
+
+from .graph_utils import (
+    IDENTITIES,
+    RESHAPES,
+    GraphBuilder,
+    aten,
+    describe_location,
+    fake,
+    silu_input,
+    same_shape,
+    same_size,
+    scalar_constant,
+    size_sources,
+    static_int,
+)
+from .report import Refusal, Rewrite
+
+PASS_NAME = "shared_experts"
+GATE_OP = torch.ops.moe_fusion.moe_fused_gate.default
+EXPERTS_OP = torch.ops.moe_fusion.fused_experts.default
+_SHARED_ARG = 11  # num_fused_shared_experts in the gate's schema
+_SCALE_ARG = 10  # routed_scaling_factor
+
+
+def _strip(node: Any) -> Any:
+    while isinstance(node, Node) and (node.target in RESHAPES or node.target in IDENTITIES):
+        node = node.args[0]
+    return node
+
+
+@dataclass
+class Linear:
+    """x @ W.T (an nn.Linear without bias), possibly through reshapes for 3-D inputs."""
+
+    x: Node
+    weight: Node
+
+
+def _linear(node: Any) -> Linear | None:
+    node = _strip(node)
+    if not (isinstance(node, Node) and node.target == aten.mm.default):
+        return None
+    x, transposed = node.args[:2]
+    if not (isinstance(transposed, Node) and transposed.target == aten.permute.default
+            and list(transposed.args[1]) == [1, 0]):
+        return None
+    return Linear(_strip(x), transposed.args[0])
+
+
+@dataclass
+class SharedMLP:
+    x: Node  # the tokens (reshapes stripped)
+    gate: Node  # [S*I, H]
+    up: Node  # [S*I, H]
+    down: Node  # [H, S*I]
+    token_gate: Node | None  # sigmoid(x @ w) of a gated shared expert, [.., 1]
+
+
+def _shared_mlp(node: Any) -> SharedMLP | str | None:
+    """The shared MLP computing `node`, a reason it cannot be fused, or None (not an MLP at all)."""
+    token_gate = None
+    stripped = _strip(node)
+    if isinstance(stripped, Node) and stripped.target == aten.mul.Tensor:  # sigmoid(x @ w) * mlp(x)
+        for gate_side, mlp_side in (stripped.args[:2], stripped.args[1::-1]):
+            g = _strip(gate_side)
+            if isinstance(g, Node) and g.target == aten.sigmoid.default and _linear(g.args[0]) is not None \
+                    and static_int(fake(_strip(g.args[0])).shape[-1]) == 1:
+                token_gate, stripped = gate_side, _strip(mlp_side)
+                break
+    down = _linear(stripped)
+    if down is None:
+        if isinstance(stripped, Node) and stripped.target == aten.addmm.default:
+            return "the shared MLP's Linear layers have biases, which fused_experts does not take"
+        return None
+    product = down.x
+    if not (isinstance(product, Node) and product.target == aten.mul.Tensor):
+        return None
+    for act, up_side in (product.args[:2], product.args[1::-1]):
+        up = _linear(up_side)
+        if up is None or _linear(act) is not None:
+            continue
+        pre_activation = silu_input(_strip(act))
+        gate = _linear(pre_activation)
+        if gate is None:
+            return "the shared MLP's activation is not SiLU"
+        if gate.x is not up.x:
+            return "the shared MLP's gate and up projections read different inputs"
+        return SharedMLP(gate.x, gate.weight, up.weight, down.weight, token_gate)
+    return None
+
+
+@dataclass
+class _Plan:
+    add: Node
+    experts: Node
+    shared: SharedMLP
+    slots: int
+    scale: float | None
+    shape_sources: list  # how to shape the fused output like the add (graph_utils.size_sources)
+
+
+def _routed_side(node: Any, experts_nodes: set[Node]) -> tuple[Node, float | None] | str | None:
+    """(fused_experts node, routed scale or None) if `node` is its output (reshaped, maybe scaled by a
+    constant); a reason if a fused_experts output reaches `node` through something else; else None."""
+    stripped, scale = _strip(node), None
+    if isinstance(stripped, Node) and stripped.target == aten.mul.Tensor:
+        a, b = stripped.args[:2]
+        for out, factor in ((a, b), (b, a)):
+            if _strip(out) in experts_nodes and isinstance(scalar_constant(factor), (int, float)):
+                stripped, scale = _strip(out), float(scalar_constant(factor))
+                break
+    if stripped in experts_nodes:
+        return stripped, scale
+    frontier, seen = [stripped], set()
+    for _ in range(4):  # a few ops up: is there a routed output behind something else?
+        frontier = [a for n in frontier if isinstance(n, Node) for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+        if any(n in experts_nodes for n in frontier):
+            return f"{stripped.target} (node {stripped.name}) sits between the routed experts' sum and the add"
+    return None
+
+
+def rewrite_shared_experts(graph: Graph, options: Any = None) -> tuple[list[Rewrite], list[Refusal]]:
+    experts_nodes = {n for n in graph.nodes if n.target == EXPERTS_OP and n.args[6] is None}
+    rewrites, refusals = [], []
+    if not experts_nodes:
+        return rewrites, refusals
+    for node in list(graph.nodes):
+        if node.target != aten.add.Tensor or node.kwargs.get("alpha", 1) != 1:
+            continue
+        plan = _plan(node, experts_nodes)
+        if plan is None:
+            continue
+        location = describe_location(node)
+        if isinstance(plan, str):
+            refusals.append(Refusal(PASS_NAME, location, plan))
+            continue
+        _emit(graph, plan)
+        experts_nodes.discard(plan.experts)
+        rewrites.append(Rewrite(PASS_NAME, location, _spelling(plan), dict(
+            shared_slots=plan.slots, gate=plan.shared.gate.name, up=plan.shared.up.name, down=plan.shared.down.name,
+            token_gate=plan.shared.token_gate is not None, routed_scale_moved_to_gate=plan.scale)))
+    if rewrites:
+        graph.eliminate_dead_code()
+        graph.lint()
+    return rewrites, refusals
+
+
+def _spelling(plan: _Plan) -> str:
+    parts = [f"routed{' * rsf' if plan.scale is not None else ''} + shared MLP",
+             f"{plan.slots} shared slot(s) of the routed intermediate size"]
+    if plan.shared.token_gate is not None:
+        parts.append("sigmoid-gated per token")
+    return "; ".join(parts)
+
+
+def _plan(add: Node, experts_nodes: set[Node]) -> _Plan | str | None:
+    a, b = add.args[:2]
+    for routed_arg, shared_arg in ((a, b), (b, a)):
+        shared = _shared_mlp(shared_arg)
+        if shared is None:
+            continue
+        routed = _routed_side(routed_arg, experts_nodes)
+        if routed is None:
+            continue
+        if isinstance(shared, str):
+            return shared
+        if isinstance(routed, str):
+            return routed
+        experts, scale = routed
+        return _check(add, experts, shared, scale, routed_arg, shared_arg)
+    return None
+
+
+def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, routed_arg: Node,
+           shared_arg: Node) -> _Plan | str:
+    hidden, w_gate = experts.args[0], experts.args[3]
+    if _strip(hidden) is not shared.x and shared.x is not hidden:
+        return "the shared MLP does not read the tokens the routed experts read"
+    x, inter = fake(hidden), static_int(fake(w_gate).shape[1])
+    gate_shape, down_shape = fake(shared.gate).shape, fake(shared.down).shape
+    total = static_int(gate_shape[0])
+    if total is None or inter is None or total % inter:
+        return f"the shared MLP's intermediate size ({total}) is not a multiple of the experts' ({inter})"
+    if not (same_size(gate_shape[1], x.shape[-1]) and same_shape(fake(shared.up).shape, gate_shape)
+            and same_shape(down_shape, (x.shape[-1], total))):
+        return "the shared MLP's weights do not have the shapes [S*I, H], [S*I, H], [H, S*I]"
+    if len({fake(w).dtype for w in (shared.gate, shared.up, shared.down)} | {x.dtype}) != 1:
+        return "the shared MLP's weights and the hidden states have different dtypes"
+    if not _used_once(routed_arg, experts) or not _used_once(shared_arg, _strip(shared_arg)):
+        return "the routed or the shared output is also used elsewhere; fusing would compute it twice"
+    gate_node = _gate_of(experts)
+    if gate_node is None:
+        return ("the routed experts' weights are not the fused gate's own (they are rescaled after the gate, "
+                "e.g. by a float that torch.compile(dynamic=True) made a run-time value), so shared columns "
+                "cannot be added to them")
+    if gate_node.args[12]:
+        return "the fused gate leaves the routed scaling to its caller"
+    if scale is not None and gate_node.args[_SCALE_ARG] != 1.0:
+        return "the routed output is scaled after weights that are already scaled"
+    if not same_size(fake(add).numel(), x.numel()):
+        return "the add broadcasts the expert outputs"
+    sources = size_sources(fake(add).shape, [hidden, _strip(hidden), shared.x])
+    if sources is None:
+        return "the block's output shape cannot be rebuilt from the hidden states' sizes"
+    return _Plan(add, experts, shared, total // inter, scale, sources)
+
+
+def _used_once(node: Node, origin: Node) -> bool:
+    """Whether every node from `origin` up to `node` (reshapes, identities, a scaling) has one user."""
+    while True:
+        if len(node.users) != 1:
+            return False
+        if node is origin:
+            return True
+        node = next(a for a in node.all_input_nodes)
+
+
+def _gate_of(experts: Node) -> Node | None:
+    """The fused gate whose (weights, ids) outputs the fused_experts node reads."""
+    weights, ids = experts.args[1:3]
+    if not all(isinstance(n, Node) and n.target is operator.getitem for n in (weights, ids)):
+        return None
+    gate = ids.args[0]
+    if gate.target != GATE_OP or weights.args[0] is not gate or (weights.args[1], ids.args[1]) != (0, 1):
+        return None
+    return gate
+
+
+def _emit(graph: Graph, plan: _Plan) -> None:
+    experts, shared = plan.experts, plan.shared
+    old_gate = _gate_of(experts)
+    build = GraphBuilder(graph, experts.args[0])
+    with graph.inserting_before(plan.add):
+        gate_args = list(old_gate.args)
+        gate_args[_SHARED_ARG] = plan.slots
+        if plan.scale is not None:
+            gate_args[_SCALE_ARG] = plan.scale
+        gate = build.call(GATE_OP, tuple(gate_args))
+        weights = build.call(operator.getitem, (gate, 0))
+        ids = build.call(operator.getitem, (gate, 1))
+        token_weight = None
+        if shared.token_gate is not None:
+            token_weight = build.call(aten.reshape.default, (shared.token_gate, [-1]))
+        fused = build.call(EXPERTS_OP, (experts.args[0], weights, ids, *experts.args[3:6], shared.gate, shared.up,
+                                        shared.down, token_weight))
+        result = build.conform(fused, fake(plan.add), plan.shape_sources)
+    plan.add.replace_all_uses_with(result)

@@ -1,0 +1,229 @@
+"""The experts and shared-expert rewrites: a DeepSeek-style MoE block compiles to one fused gate and
+one fused_experts call (shared expert included) per layer, computes what eager computes, and the
+blocks that are not that function are left alone with a reason."""
+
+from __future__ import annotations
+
+import expecttest
+import pytest
+import torch
+import torch.nn.functional as F
+from compile_checks import compile_with_report, fused_op_calls, internal_errors, normalized_ops
+from torch import nn
+
+from fusion_passes.example_model import ExampleConfig, Router
+
+GATE, EXPERTS = "moe_fusion::moe_fused_gate", "moe_fusion::fused_experts"
+
+
+class HandWrittenBlock(nn.Module):
+    """DeepSeek-V3 routing + per-pick batched experts + a shared MLP, with one variation."""
+
+    def __init__(self, variant: str = "plain", dtype=torch.float32, shared_intermediate: int = 64) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        cfg = ExampleConfig(routed_scaling_factor=1.0 if variant == "scaled_output" else 2.5)
+        self.variant, self.cfg = variant, cfg
+        hidden, inter, experts = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        self.gate = Router(cfg)
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * inter, hidden) * hidden**-0.5)
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, inter) * inter**-0.5)
+        bias = variant == "biased_shared"
+        self.shared_gate = nn.Linear(hidden, shared_intermediate, bias=bias)
+        self.shared_up = nn.Linear(hidden, shared_intermediate, bias=bias)
+        self.shared_down = nn.Linear(shared_intermediate, hidden, bias=bias)
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+        self.norm = nn.RMSNorm(hidden)
+        self.to(dtype)
+
+    def routed(self, flat: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(flat)
+        topk = ids.shape[-1]
+        rows = flat.repeat_interleave(topk, dim=0)
+        gate_up = torch.bmm(self.gate_up_proj[ids.reshape(-1)], rows.unsqueeze(-1)).squeeze(-1)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.bmm(self.down_proj[ids.reshape(-1)], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        out = out * weights.reshape(-1).unsqueeze(-1).to(out.dtype)
+        return out.view(-1, topk, flat.shape[-1]).sum(dim=1)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        act = F.gelu if self.variant == "gelu_shared" else F.silu
+        return self.shared_down(act(self.shared_gate(x)) * self.shared_up(x))
+
+    def forward(self, x: torch.Tensor):
+        shape = x.shape
+        routed = self.routed(x.view(-1, shape[-1])).view(shape)
+        v = self.variant
+        if v == "shared_first":
+            return self.shared(x) + routed
+        if v == "scaled_output":
+            return routed * 2.5 + self.shared(x)
+        if v == "gated_shared":
+            return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared(x)
+        if v == "norm_between":
+            return self.norm(routed) + self.shared(x)
+        if v == "other_tokens":
+            return routed + self.shared(x.flip(0))
+        if v == "routed_used_twice":
+            return routed + self.shared(x), routed
+        return routed + self.shared(x)
+
+
+def _compare(compiled_out, eager_out, dtype):
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    if isinstance(eager_out, tuple):
+        for got, want in zip(compiled_out, eager_out):
+            torch.testing.assert_close(got, want, **tolerance)
+    else:
+        torch.testing.assert_close(compiled_out, eager_out, **tolerance)
+
+
+FUSED_VARIANTS = ["plain", "shared_first", "scaled_output", "gated_shared"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+def test_routed_plus_shared_becomes_one_fused_experts(variant, dtype):
+    block = HandWrittenBlock(variant, dtype).eval()
+    x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    compiled, outputs, report = compile_with_report(block, x)
+    assert not internal_errors(report)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
+        [r.reason for r in report.refusals]
+    rewrite = next(r for r in report.rewrites if r.pass_name == "shared_experts")
+    assert rewrite.params["shared_slots"] == 64 // block.cfg.moe_intermediate_size
+    assert rewrite.params["token_gate"] == (variant == "gated_shared")
+    assert (rewrite.params["routed_scale_moved_to_gate"] == 2.5) == (variant == "scaled_output")
+    after = normalized_ops(report.graphs[-1].graph_after)
+    assert "aten.mm" in after and after.count("aten.mm") == 1 + (variant == "gated_shared")  # router (+ shared gate)
+    with torch.no_grad():
+        assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
+        _compare(outputs, block(x), dtype)
+
+
+REFUSED_VARIANTS = {
+    "norm_between": "sits between the routed experts' sum and the add",
+    "other_tokens": "does not read the tokens the routed experts read",
+    "gelu_shared": "activation is not SiLU",
+    "biased_shared": "biases",
+    "routed_used_twice": "also used elsewhere",
+}
+
+
+@pytest.mark.parametrize("variant", sorted(REFUSED_VARIANTS))
+def test_blocks_that_are_not_routed_plus_shared_are_left_alone(variant):
+    block = HandWrittenBlock(variant).eval()
+    x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    compiled, outputs, report = compile_with_report(block, x)
+    assert not internal_errors(report)
+    assert report.count("shared_experts") == 0
+    assert any(REFUSED_VARIANTS[variant] in r.reason for r in report.refusals), [r.reason for r in report.refusals]
+    with torch.no_grad():
+        calls = fused_op_calls(compiled, x)
+        _compare(outputs, block(x), torch.float32)
+    assert calls.get(EXPERTS, 0) <= 1 and GATE in calls
+
+
+def test_experts_stay_unfused_on_the_cpu_by_default():
+    block = HandWrittenBlock().eval()
+    x = torch.randn(2, 5, block.cfg.hidden_size)
+    compiled, outputs, report = compile_with_report(block, x, fuse_experts_on_cpu=False)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 0, 0]
+    assert any("on the CPU" in r.reason for r in report.refusals)
+    with torch.no_grad():
+        assert fused_op_calls(compiled, x) == {GATE: 1}
+        _compare(outputs, block(x), torch.float32)
+
+
+def test_shared_intermediate_must_split_into_expert_slots():
+    block = HandWrittenBlock("plain", shared_intermediate=48).eval()  # not a multiple of 32
+    x = torch.randn(2, 5, block.cfg.hidden_size)
+    _, outputs, report = compile_with_report(block, x)
+    assert report.count("shared_experts") == 0
+    assert any("is not a multiple of the experts'" in r.reason for r in report.refusals)
+    with torch.no_grad():
+        _compare(outputs, block(x), torch.float32)
+
+
+def test_each_rewrite_can_be_switched_off():
+    block = HandWrittenBlock().eval()
+    x = torch.randn(2, 5, block.cfg.hidden_size)
+    for rewrites, calls in ((["routing"], {GATE: 1}), (["routing", "experts"], {GATE: 1, EXPERTS: 1}), ([], {})):
+        compiled, outputs, report = compile_with_report(block, x, rewrites=rewrites)
+        with torch.no_grad():
+            assert fused_op_calls(compiled, x) == calls
+            _compare(outputs, block(x), torch.float32)
+        assert report.count("shared_experts") == 0
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "glm4_moe", "deepseek_v2"])
+@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
+def test_hf_transformers_models_fuse_routing_experts_and_shared(kind, experts_implementation):
+    pytest.importorskip("transformers")
+    from fusion_passes.hf_examples import tiny_hf_moe
+
+    model = tiny_hf_moe(kind, experts_implementation)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    compiled, outputs, report = compile_with_report(model, tokens)
+    layers = model.config.num_hidden_layers
+    assert not internal_errors(report) and not report.refusals, [r.reason for r in report.refusals]
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [layers] * 3
+    slots = {r.params["shared_slots"] for r in report.rewrites if r.pass_name == "shared_experts"}
+    assert slots == {model.config.n_shared_experts}
+    with torch.no_grad():
+        assert fused_op_calls(compiled, tokens) == {GATE: layers, EXPERTS: layers}
+        torch.testing.assert_close(outputs.logits, model(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
+def test_hf_bf16_model_matches_eager_as_closely_as_default_compile(experts_implementation):
+    pytest.importorskip("transformers")
+    from fusion_passes.hf_examples import tiny_hf_moe
+
+    model = tiny_hf_moe("deepseek_v3", experts_implementation).to(torch.bfloat16)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    _, outputs, report = compile_with_report(model, tokens)
+    _, default_outputs, _ = compile_with_report(model, tokens, backend="inductor")
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [2, 2, 2]
+    with torch.no_grad():
+        eager = model(tokens).logits.float()
+    fused_error = (outputs.logits.float() - eager).abs().max().item()
+    default_error = (default_outputs.logits.float() - eager).abs().max().item()
+    assert fused_error <= max(2 * default_error, 1e-2 * eager.abs().max().item())
+
+
+def test_dynamic_token_count():
+    block = HandWrittenBlock().eval()
+    x = torch.randn(2, 5, block.cfg.hidden_size)
+    torch._dynamo.mark_dynamic(x, 1)
+    compiled, _, report = compile_with_report(block, x)
+    assert report.count("shared_experts") == 1, [r.reason for r in report.refusals]
+    for shape in ((2, 7), (2, 1)):
+        x = torch.randn(*shape, block.cfg.hidden_size)
+        with torch.no_grad():
+            _compare(compiled(x), block(x), torch.float32)
+
+
+def test_dynamic_floats_keep_the_experts_rewrite_and_refuse_the_shared_one():
+    # dynamic=True turns the routed scaling factor into a run-time value multiplying the gate's weights.
+    block = HandWrittenBlock().eval()
+    x = torch.randn(2, 5, block.cfg.hidden_size)
+    compiled, outputs, report = compile_with_report(block, x, dynamic=True)
+    assert report.count("experts") == 1 and report.count("shared_experts") == 0
+    assert any("rescaled after the gate" in r.reason for r in report.refusals)
+    with torch.no_grad():
+        _compare(outputs, block(x), torch.float32)
+        x = torch.randn(3, 4, block.cfg.hidden_size)
+        _compare(compiled(x), block(x), torch.float32)
+
+
+class TestBlockGraph(expecttest.TestCase):
+    def test_hf_deepseek_v3_block_after_the_passes(self):
+        pytest.importorskip("transformers")
+        from fusion_passes.hf_examples import tiny_hf_moe
+
+        block = tiny_hf_moe("deepseek_v3", "grouped_mm", num_hidden_layers=1).model.layers[0].mlp
+        _, _, report = compile_with_report(block, torch.randn(2, 5, 64))
+        self.assertExpectedInline(str(normalized_ops(report.graphs[0].graph_after)), """\
+['aten.reshape', 'aten.permute', 'aten.mm', 'aten.reshape', 'aten.slice', 'aten.slice', 'moe_fusion.moe_fused_gate', \
+'moe_fusion.fused_experts', 'aten.reshape']""")
