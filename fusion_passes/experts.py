@@ -88,6 +88,11 @@ class SortPair:
 
 
 @dataclass(frozen=True)
+class SortOfPerm:  # sort(perm): its indices are the inverse permutation
+    route: Route
+
+
+@dataclass(frozen=True)
 class SortedIds:
     route: Route
 
@@ -207,15 +212,37 @@ def _permuted_weight(node: Any, route: Route) -> Node | None:
     return weight
 
 
-def _rows_per_pick(node: Any, route: Route) -> Node | None:
-    """x when node is each token's row repeated for its k picks: [T*K, H] (repeat_interleave, or
-    unsqueeze + expand + clone + reshape as it decomposes)."""
-    node = node if not (isinstance(node, Node) and node.target in IDENTITIES) else node.args[0]
+def _token_index(node: Any, topk: int) -> bool:
+    """Whether node is the token of each (token, pick) pair: arange(T).unsqueeze(1).expand(-1, K).reshape(-1)."""
+    node = _base_through(node, RESHAPES | IDENTITIES)
+    if not (isinstance(node, Node) and node.target == aten.expand.default):
+        return False
+    unsqueezed = node.args[0]
+    if not (isinstance(unsqueezed, Node) and unsqueezed.target == aten.unsqueeze.default and unsqueezed.args[1] == 1):
+        return False
+    tokens = unsqueezed.args[0]
+    shape = fake(node).shape
+    return (isinstance(tokens, Node) and tokens.target == prims.iota.default and tokens.kwargs.get("start", 0) == 0
+            and tokens.kwargs.get("step", 1) == 1 and len(shape) == 2 and static_int(shape[1]) == topk)
+
+
+def _base_through(node: Any, ops: set) -> Any:
+    while isinstance(node, Node) and node.target in ops:
+        node = node.args[0]
+    return node
+
+
+def _rows_per_pick(node: Any, topk: int) -> Node | None:
+    """x when node holds each token's row once per pick, [T*K, H]: x[token of each pair], or
+    repeat_interleave (unsqueeze + expand + clone + reshape as it decomposes)."""
+    node = _base_through(node, IDENTITIES)
+    if isinstance(node, Node) and node.target == aten.index.Tensor and len(node.args[1]) == 1 \
+            and _token_index(node.args[1][0], topk):
+        x = node.args[0]
+        return x if fake(x) is not None and fake(x).dim() == 2 else None
     if not (isinstance(node, Node) and node.target in RESHAPES):
         return None
-    inner = node.args[0]
-    while isinstance(inner, Node) and inner.target in IDENTITIES:
-        inner = inner.args[0]
+    inner = _base_through(node.args[0], IDENTITIES)
     if not (isinstance(inner, Node) and inner.target == aten.expand.default):
         return None
     unsqueezed = inner.args[0]
@@ -223,7 +250,7 @@ def _rows_per_pick(node: Any, route: Route) -> Node | None:
         return None
     x = unsqueezed.args[0]
     expanded = fake(inner).shape
-    if fake(x) is None or fake(x).dim() != 2 or len(expanded) != 3 or static_int(expanded[1]) != route.topk:
+    if fake(x) is None or fake(x).dim() != 2 or len(expanded) != 3 or static_int(expanded[1]) != topk:
         return None
     return x
 
@@ -289,28 +316,38 @@ class ExpertsAnalysis:
             return replace(m, upcast=True)
         if isinstance(m, Activated) and m.proj.upcast and dtype == fake(m.proj.weight).dtype:
             return Activated(replace(m.proj, upcast=False))
+        if isinstance(m, ExpertOut) and m.weights is not None and m.space == "pair" and not m.per_pick:
+            return m  # weighted outputs cast before they are accumulated
         if isinstance(m, Routed) and dtype == fake(m.out.inter.x).dtype:
             return m  # a sum computed in float32 (float32 routing weights) rounded to the hidden dtype
         return None
 
     def sort(self, node: Node):
         m = self.of(node.args[0])
-        dim, descending = kwarg_or_arg(node, 1, "dim", -1), kwarg_or_arg(node, 2, "descending", False)
-        if isinstance(m, Ids) and m.flat and dim in (0, -1) and not descending:
-            return SortPair(m.route)
+        if self._ascending_over_pairs(node, m):
+            return SortPair(m.route) if isinstance(m, Ids) else SortOfPerm(m.route)
         return None
 
     def argsort(self, node: Node):
         m = self.of(node.args[0])
-        if isinstance(m, Ids) and m.flat and kwarg_or_arg(node, 1, "dim", -1) in (0, -1) \
-                and not kwarg_or_arg(node, 2, "descending", False):
-            return Perm(m.route)
+        if self._ascending_over_pairs(node, m):
+            return Perm(m.route) if isinstance(m, Ids) else InversePerm(m.route)
         return None
+
+    @staticmethod
+    def _ascending_over_pairs(node: Node, m: Any) -> bool:
+        """An ascending sort of the flat ids (any order among equal ids does) or of a permutation."""
+        dim, descending = kwarg_or_arg(node, 1, "dim", -1), kwarg_or_arg(node, 2, "descending", False)
+        if "dim" in node.kwargs or "descending" in node.kwargs:  # the .stable overloads take keywords only
+            dim, descending = node.kwargs.get("dim", -1), node.kwargs.get("descending", False)
+        return (isinstance(m, Ids) and m.flat or isinstance(m, Perm)) and dim in (0, -1) and not descending
 
     def getitem(self, node: Node):
         m, index = self.of(node.args[0]), node.args[1]
         if isinstance(m, SortPair):
             return SortedIds(m.route) if index == 0 else Perm(m.route)
+        if isinstance(m, SortOfPerm) and index == 1:
+            return InversePerm(m.route)
         if isinstance(m, SplitProj) and index in (0, 1):
             start = m.proj.start + index * m.size
             return replace(m.proj, start=start, stop=start + m.size)
@@ -329,6 +366,12 @@ class ExpertsAnalysis:
         by, m = self.of(indices[0]), self.of(source)
         if isinstance(by, SortedTokens) and m is None and fake(source) is not None and fake(source).dim() == 2:
             return SortedRows(by.route, source)
+        if isinstance(by, Perm) and m is None:  # x[token of each pair][perm]
+            x = _rows_per_pick(source, by.route.topk)
+            if x is not None:
+                return SortedRows(by.route, x)
+        if isinstance(by, Perm) and isinstance(m, Ids) and m.flat and m.route == by.route:
+            return SortedIds(by.route)
         if isinstance(by, Perm) and isinstance(m, RouteWeights) and m.flat and m.route == by.route:
             return SortedWeights(by.route, m.source)
         if isinstance(by, Ids) and by.flat and m is None and fake(source) is not None and fake(source).dim() == 3 \
@@ -356,7 +399,9 @@ class ExpertsAnalysis:
     def index_put(self, node: Node):
         base, indices, values = node.args[:3]
         accumulate = kwarg_or_arg(node, 3, "accumulate", False)
-        if len(indices) != 1 or accumulate or not isinstance(self.of(indices[0]), Perm):
+        if accumulate and len(indices) == 1:  # index_add_ into zeros, as Inductor decomposes it
+            return self._accumulate_by_token(base, indices[0], values)
+        if len(indices) != 1 or not isinstance(self.of(indices[0]), Perm):
             return None
         route = self.of(indices[0]).route
         pairs = fake(base).shape[0]
@@ -366,9 +411,10 @@ class ExpertsAnalysis:
         return InversePerm(route)
 
     def grouped_mm_rule(self, node: Node):
-        rows, right, offsets = node.args[:3]
-        if any(a is not None for a in node.args[3:]) or any(v is not None for v in node.kwargs.values()):
-            return None  # bias or out_dtype
+        rows, right = node.args[:2]
+        offsets = kwarg_or_arg(node, 2, "offs", None)
+        if kwarg_or_arg(node, 3, "bias", None) is not None or kwarg_or_arg(node, 4, "out_dtype", None) is not None:
+            return None
         m, groups = self.of(rows), self.of(offsets)
         if not isinstance(groups, Offsets):
             return None
@@ -390,7 +436,7 @@ class ExpertsAnalysis:
         route, weight = matrices.route, matrices.weight
         if column is None and isinstance(right, Node) and right.target == aten.unsqueeze.default \
                 and right.args[1] in (-1, 2):
-            x = _rows_per_pick(right.args[0], route)
+            x = _rows_per_pick(right.args[0], route.topk)
             if x is not None and same_size(fake(weight).shape[2], fake(x).shape[-1]):
                 return Proj(route, x, "pair", weight, 0, int(fake(weight).shape[1]), column=True)
         if isinstance(column, Inter) and column.column and column.space == "pair" and column.route == route:
@@ -455,6 +501,24 @@ class ExpertsAnalysis:
                 return replace(weights, source=node)
         return None
 
+    def index_add(self, node: Node):
+        base, dim, index, source = node.args[:4]
+        if kwarg_or_arg(node, 4, "alpha", 1) != 1 or dim != 0:
+            return None
+        return self._accumulate_by_token(base, index, source)
+
+    def _accumulate_by_token(self, base: Any, index: Any, source: Any):
+        """Routed when the weighted pair outputs are added into zeros at their tokens' rows."""
+        m = self.of(source)
+        if not (isinstance(m, ExpertOut) and m.weights is not None and m.space == "pair" and not m.per_pick):
+            return None
+        if not _token_index(index, m.inter.route.topk):
+            return None
+        if not (isinstance(base, Node) and base.target in (aten.full.default, aten.zeros.default)
+                and (base.target == aten.zeros.default or base.args[1] == 0)):
+            return None
+        return Routed(m)
+
     def sum(self, node: Node):
         m = self.of(node.args[0])
         dims = node.args[1] if len(node.args) > 1 else None
@@ -469,6 +533,8 @@ _HANDLERS = {
     aten.sort.default: ExpertsAnalysis.sort,
     aten.sort.stable: ExpertsAnalysis.sort,
     aten.argsort.default: ExpertsAnalysis.argsort,
+    aten.argsort.stable: ExpertsAnalysis.argsort,
+    aten.index_add.default: ExpertsAnalysis.index_add,
     aten.div.Tensor_mode: ExpertsAnalysis.floor_divide,
     aten.index.Tensor: ExpertsAnalysis.index,
     aten.histc.default: ExpertsAnalysis.histc,
@@ -517,10 +583,37 @@ def rewrite_experts(graph: Graph, options: Any) -> tuple[list[Rewrite], list[Ref
             num_experts=out.inter.route.num_experts, topk=out.inter.route.topk,
             intermediate_size=out.inter.gate[2] - out.inter.gate[1], hidden_size=int(fake(out.inter.x).shape[-1]),
             gate=_slice_text(out.inter.gate), up=_slice_text(out.inter.up), down=out.down.name)))
+    refusals += _unrecognized(analysis, {m.out.inter.route for m in analysis.meaning.values() if isinstance(m, Routed)})
     if rewrites:
         graph.eliminate_dead_code()
         graph.lint()
     return rewrites, refusals
+
+
+def _route_of(meaning: Any) -> Route | None:
+    for path in (("route",), ("inter", "route"), ("out", "inter", "route"), ("proj", "route")):
+        value = meaning
+        for attr in path:
+            value = getattr(value, attr, None)
+        if isinstance(value, Route):
+            return value
+    return None
+
+
+def _unrecognized(analysis: ExpertsAnalysis, found: set[Route]) -> list[Refusal]:
+    """A refusal for each fused gate whose picks feed a computation no rule explains."""
+    stuck: dict[Route, list[Node]] = {}
+    for node, meaning in analysis.meaning.items():
+        route = _route_of(meaning)
+        if route is None or route in found:
+            continue
+        for user in node.users:
+            if user.op == "call_function" and user not in analysis.meaning:
+                stuck.setdefault(route, []).append(user)
+    return [Refusal(PASS_NAME, describe_location(route.gate),
+                    f"the experts reading the fused gate {route.gate.name} were not recognized; no rule explains "
+                    + ", ".join(f"{u.target} (node {u.name})" for u in users[:3]))
+            for route, users in stuck.items()]
 
 
 def _spelling(out: ExpertOut) -> str:

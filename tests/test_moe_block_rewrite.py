@@ -42,7 +42,8 @@ class HandWrittenBlock(nn.Module):
         rows = flat.repeat_interleave(topk, dim=0)
         gate_up = torch.bmm(self.gate_up_proj[ids.reshape(-1)], rows.unsqueeze(-1)).squeeze(-1)
         gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.bmm(self.down_proj[ids.reshape(-1)], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        act = F.gelu if self.variant == "gelu_routed" else F.silu
+        out = torch.bmm(self.down_proj[ids.reshape(-1)], (act(gate) * up).unsqueeze(-1)).squeeze(-1)
         out = out * weights.reshape(-1).unsqueeze(-1).to(out.dtype)
         return out.view(-1, topk, flat.shape[-1]).sum(dim=1)
 
@@ -67,6 +68,55 @@ class HandWrittenBlock(nn.Module):
         if v == "routed_used_twice":
             return routed + self.shared(x), routed
         return routed + self.shared(x)
+
+
+class EarlyTransformersV5Block(HandWrittenBlock):
+    """The experts as the first transformers v5 releases write them: pairs indexed by an arange-based
+    token index, argsort (stable) by expert for grouped_mm with its inverse argsort, and index_add_
+    into zeros; or the same token index with batched bmm."""
+
+    def __init__(self, implementation: str, dtype=torch.float32) -> None:
+        super().__init__("plain", dtype)
+        self.implementation = implementation
+
+    def routed(self, flat: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(flat)
+        tokens, topk = ids.shape
+        out = torch.zeros_like(flat)
+        expert_ids = ids.reshape(-1)
+        token_idx = torch.arange(tokens, device=flat.device).unsqueeze(1).expand(-1, topk).reshape(-1)
+        sample_weights = weights.reshape(-1)
+        rows = flat[token_idx]
+        if self.implementation == "grouped_mm":
+            perm = torch.argsort(expert_ids, stable=True)
+            inv_perm = torch.argsort(perm, stable=True)
+            counts = torch.histc(expert_ids[perm].float(), bins=self.cfg.num_experts, min=0,
+                                 max=self.cfg.num_experts - 1)
+            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            gate_up = torch._grouped_mm(rows[perm], self.gate_up_proj.transpose(-2, -1), offs=offsets)
+            gate, up = gate_up.chunk(2, dim=-1)
+            down = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
+            per_pair = (down * sample_weights[perm].unsqueeze(-1))[inv_perm]
+        else:
+            gate_up = torch.bmm(self.gate_up_proj[expert_ids], rows.unsqueeze(-1)).squeeze(-1)
+            gate, up = gate_up.chunk(2, dim=-1)
+            down = torch.bmm(self.down_proj[expert_ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+            per_pair = down * sample_weights.unsqueeze(-1)
+        return out.index_add_(0, token_idx, per_pair.to(out.dtype))
+
+
+# torch._grouped_mm's fake impl takes bf16 only.
+@pytest.mark.parametrize("implementation, dtype", [("grouped_mm", torch.bfloat16), ("batched_mm", torch.float32),
+                                                   ("batched_mm", torch.bfloat16)])
+def test_early_transformers_v5_experts_spellings(implementation, dtype):
+    block = EarlyTransformersV5Block(implementation, dtype).eval()
+    x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(3)).to(dtype)
+    compiled, outputs, report = compile_with_report(block, x)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
+        [r.reason for r in report.refusals]
+    with torch.no_grad():
+        assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
+        _compare(outputs, block(x), dtype)
 
 
 def _compare(compiled_out, eager_out, dtype):
@@ -130,6 +180,18 @@ def test_experts_stay_unfused_on_the_cpu_by_default():
     compiled, outputs, report = compile_with_report(block, x, fuse_experts_on_cpu=False)
     assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 0, 0]
     assert any("on the CPU" in r.reason for r in report.refusals)
+    with torch.no_grad():
+        assert fused_op_calls(compiled, x) == {GATE: 1}
+        _compare(outputs, block(x), torch.float32)
+
+
+def test_unrecognized_experts_are_reported():
+    block = HandWrittenBlock("gelu_routed").eval()  # experts with GELU: not what fused_experts computes
+    x = torch.randn(2, 5, block.cfg.hidden_size)
+    compiled, outputs, report = compile_with_report(block, x)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 0, 0]
+    assert any("were not recognized" in r.reason and "no rule explains" in r.reason for r in report.refusals), \
+        [r.reason for r in report.refusals]
     with torch.no_grad():
         assert fused_op_calls(compiled, x) == {GATE: 1}
         _compare(outputs, block(x), torch.float32)
