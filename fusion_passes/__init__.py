@@ -4,8 +4,11 @@
     fusion_passes.install()                            # or: add the rewrites to the default backend
     fusion_passes.explain(model, *inputs)              # what was rewritten, what was refused and why
 
+Rewrites, in order: ``routing`` (grouped top-k routing -> moe_fused_gate), ``experts`` (routed
+experts -> fused_experts) and ``shared_experts`` (routed + shared MLP -> one fused_experts).
 ``MOE_FUSION_LOG=1`` logs the rewrites of ordinary compiles (``debug`` adds the graphs);
-``MOE_FUSION_DISABLE=routing`` switches a rewrite off, as does ``make_backend(rewrites=[...])``.
+``MOE_FUSION_DISABLE=experts,shared_experts`` switches rewrites off, as does
+``make_backend(rewrites=[...])``.
 """
 
 import ops  # noqa: F401  (the fused ops the rewrites emit)
