@@ -39,6 +39,7 @@ from .graph_utils import (
     same_size,
     size_sources,
     static_int,
+    strip_views,
 )
 from .report import Refusal, Rewrite
 
@@ -194,13 +195,6 @@ class Routed:  # sum over the picks: [.., H]
 # Analysis
 
 
-def _base(node: Any) -> Any:
-    """The tensor a chain of reshapes / identities starts from."""
-    while isinstance(node, Node) and (node.target in RESHAPES or node.target in IDENTITIES):
-        node = node.args[0]
-    return node
-
-
 def _permuted_weight(node: Any, route: Route) -> Node | None:
     """W when node is permute(W, [0, 2, 1]) of a [E, N, K] tensor (grouped_mm's right operand)."""
     if not (isinstance(node, Node) and node.target == aten.permute.default and list(node.args[1]) == [0, 2, 1]):
@@ -212,47 +206,38 @@ def _permuted_weight(node: Any, route: Route) -> Node | None:
     return weight
 
 
+def _spread_over_picks(node: Any, topk: int) -> Node | None:
+    """v when node is expand(unsqueeze(v, 1), [T, K, ..]) (identities around it allowed)."""
+    node = strip_views(node, IDENTITIES)
+    if not (isinstance(node, Node) and node.target == aten.expand.default):
+        return None
+    unsqueezed = node.args[0]
+    shape = fake(node).shape
+    if not (isinstance(unsqueezed, Node) and unsqueezed.target == aten.unsqueeze.default and unsqueezed.args[1] == 1
+            and len(shape) >= 2 and static_int(shape[1]) == topk):
+        return None
+    return unsqueezed.args[0]
+
+
 def _token_index(node: Any, topk: int) -> bool:
     """Whether node is the token of each (token, pick) pair: arange(T).unsqueeze(1).expand(-1, K).reshape(-1)."""
-    node = _base_through(node, RESHAPES | IDENTITIES)
-    if not (isinstance(node, Node) and node.target == aten.expand.default):
-        return False
-    unsqueezed = node.args[0]
-    if not (isinstance(unsqueezed, Node) and unsqueezed.target == aten.unsqueeze.default and unsqueezed.args[1] == 1):
-        return False
-    tokens = unsqueezed.args[0]
-    shape = fake(node).shape
+    tokens = _spread_over_picks(strip_views(node), topk)
     return (isinstance(tokens, Node) and tokens.target == prims.iota.default and tokens.kwargs.get("start", 0) == 0
-            and tokens.kwargs.get("step", 1) == 1 and len(shape) == 2 and static_int(shape[1]) == topk)
-
-
-def _base_through(node: Any, ops: set) -> Any:
-    while isinstance(node, Node) and node.target in ops:
-        node = node.args[0]
-    return node
+            and tokens.kwargs.get("step", 1) == 1 and fake(tokens).dim() == 1)
 
 
 def _rows_per_pick(node: Any, topk: int) -> Node | None:
     """x when node holds each token's row once per pick, [T*K, H]: x[token of each pair], or
     repeat_interleave (unsqueeze + expand + clone + reshape as it decomposes)."""
-    node = _base_through(node, IDENTITIES)
+    node = strip_views(node, IDENTITIES)
     if isinstance(node, Node) and node.target == aten.index.Tensor and len(node.args[1]) == 1 \
             and _token_index(node.args[1][0], topk):
         x = node.args[0]
-        return x if fake(x) is not None and fake(x).dim() == 2 else None
-    if not (isinstance(node, Node) and node.target in RESHAPES):
+    elif isinstance(node, Node) and node.target in RESHAPES:
+        x = _spread_over_picks(node.args[0], topk)
+    else:
         return None
-    inner = _base_through(node.args[0], IDENTITIES)
-    if not (isinstance(inner, Node) and inner.target == aten.expand.default):
-        return None
-    unsqueezed = inner.args[0]
-    if not (isinstance(unsqueezed, Node) and unsqueezed.target == aten.unsqueeze.default and unsqueezed.args[1] == 1):
-        return None
-    x = unsqueezed.args[0]
-    expanded = fake(inner).shape
-    if fake(x) is None or fake(x).dim() != 2 or len(expanded) != 3 or static_int(expanded[1]) != topk:
-        return None
-    return x
+    return x if fake(x) is not None and fake(x).dim() == 2 else None
 
 
 class ExpertsAnalysis:
@@ -640,7 +625,7 @@ def _plan(meaning: Routed, node: Node, options: Any) -> list | str:
     target = fake(node)
     if not same_size(target.numel(), x.numel()) or not same_size(target.shape[-1], x.shape[-1]):
         return "the routed output does not have the hidden states' shape"
-    sources = size_sources(target.shape, [inter.x, _base(inter.x)])
+    sources = size_sources(target.shape, [inter.x, strip_views(inter.x)])
     if sources is None:
         return "the routed output's shape cannot be rebuilt from the hidden states' sizes"
     return sources

@@ -78,6 +78,14 @@ def is_last_dim(dim: Any, ndim: int) -> bool:
     return dim == -1 or dim == ndim - 1
 
 
+def strip_views(node: Any, ops: set | None = None) -> Any:
+    """The tensor a chain of reshapes and identities (or the given ops) starts from."""
+    ops = RESHAPES | IDENTITIES if ops is None else ops
+    while isinstance(node, Node) and node.target in ops:
+        node = node.args[0]
+    return node
+
+
 def scalar_constant(arg: Any) -> float | int | bool | None:
     """A Python scalar, or the value of a 0-d constant tensor built in the graph (aten.full([]))."""
     if isinstance(arg, (bool, int, float)):

@@ -23,8 +23,6 @@ import torch
 from torch.fx import Graph, Node
 
 from .graph_utils import (
-    IDENTITIES,
-    RESHAPES,
     GraphBuilder,
     aten,
     describe_location,
@@ -35,6 +33,7 @@ from .graph_utils import (
     scalar_constant,
     size_sources,
     static_int,
+    strip_views,
 )
 from .report import Refusal, Rewrite
 
@@ -43,12 +42,6 @@ GATE_OP = torch.ops.moe_fusion.moe_fused_gate.default
 EXPERTS_OP = torch.ops.moe_fusion.fused_experts.default
 _SHARED_ARG = 11  # num_fused_shared_experts in the gate's schema
 _SCALE_ARG = 10  # routed_scaling_factor
-
-
-def _strip(node: Any) -> Any:
-    while isinstance(node, Node) and (node.target in RESHAPES or node.target in IDENTITIES):
-        node = node.args[0]
-    return node
 
 
 @dataclass
@@ -60,14 +53,14 @@ class Linear:
 
 
 def _linear(node: Any) -> Linear | None:
-    node = _strip(node)
+    node = strip_views(node)
     if not (isinstance(node, Node) and node.target == aten.mm.default):
         return None
     x, transposed = node.args[:2]
     if not (isinstance(transposed, Node) and transposed.target == aten.permute.default
             and list(transposed.args[1]) == [1, 0]):
         return None
-    return Linear(_strip(x), transposed.args[0])
+    return Linear(strip_views(x), transposed.args[0])
 
 
 @dataclass
@@ -82,13 +75,13 @@ class SharedMLP:
 def _shared_mlp(node: Any) -> SharedMLP | str | None:
     """The shared MLP computing `node`, a reason it cannot be fused, or None (not an MLP at all)."""
     token_gate = None
-    stripped = _strip(node)
+    stripped = strip_views(node)
     if isinstance(stripped, Node) and stripped.target == aten.mul.Tensor:  # sigmoid(x @ w) * mlp(x)
         for gate_side, mlp_side in (stripped.args[:2], stripped.args[1::-1]):
-            g = _strip(gate_side)
+            g = strip_views(gate_side)
             if isinstance(g, Node) and g.target == aten.sigmoid.default and _linear(g.args[0]) is not None \
-                    and static_int(fake(_strip(g.args[0])).shape[-1]) == 1:
-                token_gate, stripped = gate_side, _strip(mlp_side)
+                    and static_int(fake(strip_views(g.args[0])).shape[-1]) == 1:
+                token_gate, stripped = gate_side, strip_views(mlp_side)
                 break
     down = _linear(stripped)
     if down is None:
@@ -102,7 +95,7 @@ def _shared_mlp(node: Any) -> SharedMLP | str | None:
         up = _linear(up_side)
         if up is None or _linear(act) is not None:
             continue
-        pre_activation = silu_input(_strip(act))
+        pre_activation = silu_input(strip_views(act))
         gate = _linear(pre_activation)
         if gate is None:
             return "the shared MLP's activation is not SiLU"
@@ -125,12 +118,12 @@ class _Plan:
 def _routed_side(node: Any, experts_nodes: set[Node]) -> tuple[Node, float | None] | str | None:
     """(fused_experts node, routed scale or None) if `node` is its output (reshaped, maybe scaled by a
     constant); a reason if a fused_experts output reaches `node` through something else; else None."""
-    stripped, scale = _strip(node), None
+    stripped, scale = strip_views(node), None
     if isinstance(stripped, Node) and stripped.target == aten.mul.Tensor:
         a, b = stripped.args[:2]
         for out, factor in ((a, b), (b, a)):
-            if _strip(out) in experts_nodes and isinstance(scalar_constant(factor), (int, float)):
-                stripped, scale = _strip(out), float(scalar_constant(factor))
+            if strip_views(out) in experts_nodes and isinstance(scalar_constant(factor), (int, float)):
+                stripped, scale = strip_views(out), float(scalar_constant(factor))
                 break
     if stripped in experts_nodes:
         return stripped, scale
@@ -198,7 +191,7 @@ def _plan(add: Node, experts_nodes: set[Node]) -> _Plan | str | None:
 def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, routed_arg: Node,
            shared_arg: Node) -> _Plan | str:
     hidden, w_gate = experts.args[0], experts.args[3]
-    if _strip(hidden) is not shared.x and shared.x is not hidden:
+    if strip_views(hidden) is not shared.x and shared.x is not hidden:
         return "the shared MLP does not read the tokens the routed experts read"
     x, inter = fake(hidden), static_int(fake(w_gate).shape[1])
     gate_shape, down_shape = fake(shared.gate).shape, fake(shared.down).shape
@@ -210,7 +203,7 @@ def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, rou
         return "the shared MLP's weights do not have the shapes [S*I, H], [S*I, H], [H, S*I]"
     if len({fake(w).dtype for w in (shared.gate, shared.up, shared.down)} | {x.dtype}) != 1:
         return "the shared MLP's weights and the hidden states have different dtypes"
-    if not _used_once(routed_arg, experts) or not _used_once(shared_arg, _strip(shared_arg)):
+    if not _used_once(routed_arg, experts) or not _used_once(shared_arg, strip_views(shared_arg)):
         return "the routed or the shared output is also used elsewhere; fusing would compute it twice"
     gate_node = _gate_of(experts)
     if gate_node is None:
@@ -223,7 +216,7 @@ def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, rou
         return "the routed output is scaled after weights that are already scaled"
     if not same_size(fake(add).numel(), x.numel()):
         return "the add broadcasts the expert outputs"
-    sources = size_sources(fake(add).shape, [hidden, _strip(hidden), shared.x])
+    sources = size_sources(fake(add).shape, [hidden, strip_views(hidden), shared.x])
     if sources is None:
         return "the block's output shape cannot be rebuilt from the hidden states' sizes"
     return _Plan(add, experts, shared, total // inter, scale, sources)
