@@ -3,6 +3,7 @@
     python -m fusion_passes.inspect                          # the built-in DeepSeek-V3-style model
     python -m fusion_passes.inspect --model hf-deepseek_v2   # a tiny random HF transformers model
     python -m fusion_passes.inspect --graphs                 # also print the graphs before and after
+    python -m fusion_passes.inspect --model hf-deepseek_v3 --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="example", choices=MODELS)
     parser.add_argument("--tokens", type=int, nargs=2, default=(2, 16), metavar=("BATCH", "SEQ"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--rewrites", nargs="*", default=None, choices=list(REWRITES),
                         help="the rewrites to run (default: all enabled)")
     parser.add_argument("--graphs", action="store_true", help="print each graph before and after the passes")
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model, vocab = build(args.model)
-    tokens = torch.randint(0, vocab, tuple(args.tokens), generator=torch.Generator().manual_seed(0))
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
+    tokens = torch.randint(0, vocab, tuple(args.tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
     report = explain(model, tokens, rewrites=args.rewrites, fuse_experts_on_cpu=args.cpu_experts)
     print(report)
     print()
