@@ -216,6 +216,8 @@ def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, rou
         return "the routed output is scaled after weights that are already scaled"
     if not same_size(fake(add).numel(), x.numel()):
         return "the add broadcasts the expert outputs"
+    if shared.token_gate is not None and not same_size(fake(shared.token_gate).numel(), x.shape[0]):
+        return "the shared expert's gate is not one value per token"
     sources = size_sources(fake(add).shape, [hidden, strip_views(hidden), shared.x])
     if sources is None:
         return "the block's output shape cannot be rebuilt from the hidden states' sizes"
@@ -229,7 +231,7 @@ def _used_once(node: Node, origin: Node) -> bool:
             return False
         if node is origin:
             return True
-        node = next(a for a in node.all_input_nodes)
+        node = next(a for a in node.all_input_nodes if isinstance(fake(a), torch.Tensor) and fake(a).dim() > 0)
 
 
 def _gate_of(experts: Node) -> Node | None:
