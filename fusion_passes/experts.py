@@ -12,6 +12,10 @@ with one rule per ATen op that checks every argument. Two public implementations
 - transformers v5 ``batched_mm``: replicate each token's row per pick, gather the experts' weight
   matrices by id, ``bmm`` for gate_up and down, weight, sum over the picks.
 
+Both may guard against expert-parallel sentinels (ids >= E): clamps of the ids and rows masked where
+``ids >= E``. The fused gate's ids are below E, so those clamps and masks change nothing and are read
+as identities.
+
 The rewrite replaces the sum with ``fused_experts`` on the model's own weight tensors (views, no
 copies); intermediates other code still uses keep being computed.
 """
@@ -123,6 +127,13 @@ class SortedRows:  # x[token of each sorted row]
 class SortedWeights:
     route: Route
     source: Node
+
+
+@dataclass(frozen=True)
+class NoPairs:
+    """ids >= E (an expert-parallel sentinel test): all false, the gate's ids are below E."""
+
+    route: Route
 
 
 @dataclass(frozen=True)
@@ -367,6 +378,35 @@ class ExpertsAnalysis:
             return replace(m, space="pair")
         return None
 
+    def clamp(self, node: Node):
+        m = self.of(node.args[0])
+        if not isinstance(m, (Ids, SortedIds)):
+            return None
+        if node.target == aten.clamp_max.default:
+            low, high = None, node.args[1]
+        elif node.target == aten.clamp_min.default:
+            low, high = node.args[1], None
+        else:
+            low, high = kwarg_or_arg(node, 1, "min", None), kwarg_or_arg(node, 2, "max", None)
+        keeps_ids = (low is None or isinstance(low, (int, float)) and low <= 0) and \
+            (high is None or isinstance(high, (int, float)) and high >= m.route.num_experts - 1)
+        return m if keeps_ids else None
+
+    def sentinel_test(self, node: Node):
+        m, bound = self.of(node.args[0]), node.args[1]
+        if not (isinstance(m, (Ids, SortedIds)) and isinstance(bound, (int, float))):
+            return None
+        limit = m.route.num_experts if node.target == aten.ge.Scalar else m.route.num_experts - 1
+        return NoPairs(m.route) if bound >= limit else None
+
+    def where(self, node: Node):
+        """where(ids >= E, fill, x) is x."""
+        condition, _, otherwise = node.args[:3]
+        m, out, kept = self.of(condition), fake(node), fake(otherwise)
+        if isinstance(m, NoPairs) and kept is not None and out.shape == kept.shape and out.dtype == kept.dtype:
+            return self.of(otherwise)
+        return None
+
     def histc(self, node: Node):
         m = self.of(node.args[0])
         bins, low, high = (kwarg_or_arg(node, 1, "bins", 100), kwarg_or_arg(node, 2, "min", 0),
@@ -389,9 +429,13 @@ class ExpertsAnalysis:
         if len(indices) != 1 or not isinstance(self.of(indices[0]), Perm):
             return None
         route = self.of(indices[0]).route
+        m = self.of(values)
+        if isinstance(m, ExpertOut) and m.space == "sorted" and m.weights is not None and m.inter.route == route \
+                and fake(base).shape == fake(values).shape:
+            return replace(m, space="pair")  # out[perm] = sorted rows: a permutation writes every row
         pairs = fake(base).shape[0]
         if not (isinstance(values, Node) and values.target == prims.iota.default and values.kwargs.get("start", 0) == 0
-                and values.kwargs.get("step", 1) == 1 and same_size(values.args[0], pairs)):
+                and values.kwargs.get("step", 1) == 1 and same_size(fake(values).shape[0], pairs)):
             return None
         return InversePerm(route)
 
@@ -445,7 +489,7 @@ class ExpertsAnalysis:
         m = self.of(node.args[0])
         if isinstance(m, Inter) and m.space == "pair" and not m.column and node.args[1] in (-1, 2):
             return replace(m, column=True)
-        if isinstance(m, (SortedWeights, RouteWeights)) and node.args[1] in (-1, 1):
+        if isinstance(m, (SortedWeights, RouteWeights, NoPairs)) and node.args[1] in (-1, 1):
             return m  # [.., 1] for broadcasting against [.., H]
         return None
 
@@ -523,6 +567,12 @@ _HANDLERS = {
     aten.div.Tensor_mode: ExpertsAnalysis.floor_divide,
     aten.index.Tensor: ExpertsAnalysis.index,
     aten.histc.default: ExpertsAnalysis.histc,
+    aten.clamp.default: ExpertsAnalysis.clamp,
+    aten.clamp_max.default: ExpertsAnalysis.clamp,
+    aten.clamp_min.default: ExpertsAnalysis.clamp,
+    aten.ge.Scalar: ExpertsAnalysis.sentinel_test,
+    aten.gt.Scalar: ExpertsAnalysis.sentinel_test,
+    aten.where.self: ExpertsAnalysis.where,
     aten.cumsum.default: ExpertsAnalysis.cumsum,
     aten.index_put.default: ExpertsAnalysis.index_put,
     aten.bmm.default: ExpertsAnalysis.bmm,

@@ -1,5 +1,6 @@
-"""Tiny random HF transformers MoE models (DeepSeek-V3, GLM-4.5, DeepSeek-V2) for demos, the
-inspector and tests. Requires transformers >= 5 (an optional dependency)."""
+"""Random HF transformers MoE models (DeepSeek-V3, GLM-4.5, DeepSeek-V2): tiny ones for demos, the
+inspector and tests, full-width ones for benchmarks. Requires transformers >= 5 (an optional
+dependency)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,19 @@ _PER_KIND = {
 
 def tiny_hf_moe(kind: str = "deepseek_v3", experts_implementation: str = "grouped_mm", seed: int = 0,
                 **overrides: Any) -> torch.nn.Module:
-    """A randomly initialised tiny `kind` causal LM in eval mode.
+    """A randomly initialised tiny `kind` causal LM in eval mode (on the CPU, float32); see hf_moe."""
+    return hf_moe(kind, experts_implementation, seed, **{**_COMMON, **overrides})
 
-    Router weights and score-correction biases get random values (the HF init leaves the bias at
-    zero, which would hide bias handling).
+
+def hf_moe(kind: str, experts_implementation: str = "grouped_mm", seed: int = 0, device: Any = "cpu",
+           **config: Any) -> torch.nn.Module:
+    """A randomly initialised `kind` causal LM in eval mode, built on `device`, float32.
+
+    `config` overrides the HF config's defaults (the real model's sizes). Router weights get a
+    standard deviation of 4 / sqrt(hidden_size) (router logits of about 4 for unit-scale hidden
+    states: spread scores; larger weights saturate the sigmoid and make every token pick the same
+    experts) and score-correction biases random values (the HF init leaves the bias at zero, which
+    would hide bias handling).
     """
     import transformers
 
@@ -37,15 +47,16 @@ def tiny_hf_moe(kind: str = "deepseek_v3", experts_implementation: str = "groupe
         "glm4_moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM),
         "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
     }[kind]
-    config = config_class(**{**_COMMON, **_PER_KIND[kind], **overrides})
-    config._experts_implementation = experts_implementation
+    hf_config = config_class(**{**_PER_KIND[kind], **config})
+    hf_config._experts_implementation = experts_implementation
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = model_class(config).eval()
+        model = model_class(hf_config).eval()
     for module in model.modules():
         if type(module).__name__.endswith("TopkRouter"):
-            module.weight.data = torch.randn(module.weight.shape, generator=generator) * 0.5
+            std = 4 / hf_config.hidden_size**0.5
+            module.weight.data = (torch.randn(module.weight.shape, generator=generator) * std).to(device)
             bias = getattr(module, "e_score_correction_bias", None)
             if bias is not None:
                 bias.copy_(torch.randn(bias.shape, generator=generator) * 0.3)

@@ -880,7 +880,10 @@ def _emit(graph: Graph, plan: _Plan) -> None:
     for node in plan.ids_nodes:
         if not same_shape(fake(node).shape, output_shape):
             raise _Unsupported("the ids and the weights leave the routing in different shapes")
-    target = (*output_shape[:-1], num_experts)
+    # A single token routed as 1-D rows (graphs specialised to T=1 drop the token dim): the gate gets
+    # [1, E], so that its outputs keep the [T, K] layout the experts rewrites read; views give back [K].
+    one_token = len(output_shape) == 1
+    target = (1, num_experts) if one_token else (*output_shape[:-1], num_experts)
     sources = None if same_shape(fake(logits).shape, target) else _logits_sizes(target, logits)
     build = GraphBuilder(graph, logits)
     with graph.inserting_before(plan.topk.node.next):  # the inputs precede the final top-k
@@ -895,6 +898,8 @@ def _emit(graph: Graph, plan: _Plan) -> None:
             params["weights_from_masked_scores"], params["compute_dtype"], params["weights_dtype"], torch.int64))
         weights = build.call(operator.getitem, (fused, 0))
         ids = build.call(operator.getitem, (fused, 1))
+        if one_token:
+            weights, ids = (build.call(aten.reshape.default, (out, [params["topk"]])) for out in (weights, ids))
     plan.weights_node.replace_all_uses_with(weights)
     for node in plan.ids_nodes:
         node.replace_all_uses_with(ids)
