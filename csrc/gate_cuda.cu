@@ -1,6 +1,4 @@
-// CUDA kernels of moe_fusion::moe_fused_gate: the entry point, which hands the common
-// configurations to the sub-warp kernel of gate_cuda_segment.cu, and the general kernel below,
-// which takes every configuration (compute_dtype emulation, up to 1024 experts, any groups).
+// CUDA kernel of moe_fusion::moe_fused_gate.
 //
 // One warp routes one token at a time (grid-stride over tokens, the next
 // token's logits loaded while the current one is routed). Lane l holds experts
@@ -16,7 +14,6 @@
 // merges (top1, top2) pairs. Other layouts go through a per-warp shared-memory
 // copy of the selection scores, one lane per group.
 #include "dispatch.h"
-#include "gate_cuda_common.cuh"
 #include "gate_op.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -27,13 +24,76 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
-#include <string>
-
 namespace moe_fusion {
 namespace {
 
-using namespace gate_device;
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 8;
+constexpr unsigned kFull = 0xFFFFFFFFu;
+
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+
+__device__ __forceinline__ float warp_nan_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = nan_max(v, __shfl_xor_sync(kFull, v, off));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  return v;
+}
+
+// torch builds with __CUDA_NO_{HALF,BFLOAT16}_CONVERSIONS__: convert explicitly.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// Loads lane's chunk [lane*VPT, lane*VPT+VPT) of a row; elements >= E read as 0.
+template <typename T, int VPT>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int lane, int E, bool vectorized,
+                                           float (&v)[VPT]) {
+  constexpr int kPerVec = 16 / sizeof(T);
+  static_assert(VPT % kPerVec == 0, "VPT must be a multiple of the 16-byte vector width");
+  const int first = lane * VPT;
+  if (vectorized) {
+#pragma unroll
+    for (int i = 0; i < VPT / kPerVec; ++i) {
+      const int e = first + i * kPerVec;
+      if (e < E) {  // E % kPerVec == 0 on this path: a vector is all in or all out
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + e));
+        const T* vals = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int j = 0; j < kPerVec; ++j) v[i * kPerVec + j] = to_float(vals[j]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kPerVec; ++j) v[i * kPerVec + j] = 0.0f;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) v[j] = (first + j < E) ? to_float(row[first + j]) : 0.0f;
+  }
+}
+
+__device__ __forceinline__ void store_weight(void* base, int64_t i, float w, OutDtype dtype) {
+  if (dtype == OutDtype::F32) {
+    static_cast<float*>(base)[i] = w;
+  } else if (dtype == OutDtype::BF16) {
+    static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(w);
+  } else {
+    static_cast<__half*>(base)[i] = __float2half_rn(w);
+  }
+}
+
+__device__ __forceinline__ void store_id(void* base, int64_t i, int id, bool int64) {
+  if (int64) {
+    static_cast<int64_t*>(base)[i] = id;
+  } else {
+    static_cast<int32_t*>(base)[i] = id;
+  }
+}
 
 // Sum of the top-m of `vals[0..n)` (shared memory) in descending order, m >= 1.
 __device__ float top_m_sum_smem(const float* vals, int n, int m) {
@@ -187,13 +247,13 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   // The next token's logits are loaded while this one is routed.
   float next[VPT];
   int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
-  if (t < args.rows) load_chunk<T, VPT>(logits + t * args.row_stride, first, E, args.vectorized, next);
+  if (t < args.rows) load_chunk<T, VPT>(logits + t * args.row_stride, lane, E, args.vectorized, next);
   for (; t < args.rows; t += stride) {
     const T* row = logits + t * args.row_stride;
     float b[VPT];
 #pragma unroll
     for (int j = 0; j < VPT; ++j) b[j] = next[j];
-    if (t + stride < args.rows) load_chunk<T, VPT>(row + stride * args.row_stride, first, E, args.vectorized, next);
+    if (t + stride < args.rows) load_chunk<T, VPT>(row + stride * args.row_stride, lane, E, args.vectorized, next);
 
     // 1. Selection scores. Sigmoid uses the fast exp and reciprocal here (a few ulps, like the
     // fused sigmoid of torch.compile's Triton code); the weights of the picks are recomputed exactly.
@@ -203,14 +263,14 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 #pragma unroll
       for (int j = 0; j < VPT; ++j)
         if (first + j < E) mx = nan_max(mx, b[j]);
-      row_max = lanes_nan_max<kWarp>(mx);
+      row_max = warp_nan_max(mx);
       float part = 0.0f;
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
         b[j] = first + j < E ? expf(b[j] - row_max) : 0.0f;
         part += b[j];
       }
-      row_total = lanes_sum<kWarp>(part);
+      row_total = warp_sum(part);
 #pragma unroll
       for (int j = 0; j < VPT; ++j) b[j] = b[j] / row_total;
     } else {
@@ -313,7 +373,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     const float w1 = k > kWarp ? weight_of(pick1, kept_of(pick1)) : 0.0f;
     float denom = 1.0f;
     if (cfg.renormalize) {
-      denom = round_to(round_to(lanes_sum<kWarp>(w0 + w1), cfg.weight_rounding) + cfg.renormalize_eps, cfg.weight_rounding);
+      denom = round_to(round_to(warp_sum(w0 + w1), cfg.weight_rounding) + cfg.renormalize_eps, cfg.weight_rounding);
     }
     const int64_t out_row = t * K;
 #pragma unroll
@@ -380,24 +440,12 @@ void launch_with_width(int vpt, const GateArgs& args, const GateConfig& cfg, siz
   MOE_FUSION_CHECK(false, "moe_fused_gate: no kernel instantiated for ", vpt, " values per lane");
 }
 
-// MOE_FUSION_GATE_WARP_KERNEL=1 routes every configuration through the one-warp-per-token kernel
-// (read once per process), so that tests can check it on the configurations the segment kernel takes.
-bool force_warp_kernel() {
-  static const bool forced = [] {
-    const char* value = std::getenv("MOE_FUSION_GATE_WARP_KERNEL");
-    return value != nullptr && std::string(value) == "1";
-  }();
-  return forced;
-}
-
 void gate_cuda(const at::Tensor& logits2d, const at::Tensor& bias, const GateConfig& cfg, at::Tensor& weights2d,
                at::Tensor& ids2d) {
   MOE_FUSION_CHECK(logits2d.is_cuda(), "moe_fused_gate: logits must be a CUDA tensor for the CUDA kernel");
   MOE_FUSION_CHECK(cfg.num_experts <= 1024, "moe_fused_gate: on CUDA the number of experts logits.size(-1) must be <= 1024, got ",
                     cfg.num_experts);
   const c10::cuda::CUDAGuard guard(logits2d.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (!force_warp_kernel() && launch_segment_gate(logits2d, bias, cfg, weights2d, ids2d, stream)) return;
   const int64_t E = cfg.num_experts, G = cfg.num_groups, P = cfg.group_size;
   const int elem = static_cast<int>(logits2d.element_size());
   const int per_vec = 16 / elem;
@@ -423,6 +471,7 @@ void gate_cuda(const at::Tensor& logits2d, const at::Tensor& bias, const GateCon
   const size_t topk_bytes = kMaxCandidates * sizeof(uint64_t) + kWarp * sizeof(int);
   args.warp_smem_bytes = static_cast<int>(topk_bytes + (smem_groups ? sizeof(float) * (E + G) : 0) + 15) / 16 * 16;
   const size_t smem = static_cast<size_t>(args.warp_smem_bytes) * kWarpsPerBlock;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_dtype(logits2d.scalar_type(), "moe_fused_gate: logits", [&](auto tag) {
     using T = decltype(tag);
     using Native = std::conditional_t<std::is_same_v<T, c10::BFloat16>, __nv_bfloat16,
