@@ -625,7 +625,9 @@ def _ndim(node: Any) -> int:
 
 
 def _softmax_input(div: Node) -> Node | None:
-    """x when `div` is the decomposed softmax exp(x - amax(x)) / sum(exp(x - amax(x))) over the last dim."""
+    """x when `div` is the decomposed softmax over the last dim: exp(x - amax(x)) / sum(exp(x - amax(x))),
+    or, as Inductor writes it for Triton (CUDA) graphs, exp(x - m) / s with (m, s) =
+    prepare_softmax_online(x) (one online reduction for the max and the sum)."""
     numerator, denominator = div.args[:2]
     if not (isinstance(numerator, Node) and numerator.target == aten.exp.default):
         return None
@@ -633,15 +635,31 @@ def _softmax_input(div: Node) -> Node | None:
     if not (isinstance(shifted, Node) and shifted.target == aten.sub.Tensor):
         return None
     x, row_max = shifted.args[:2]
-    ndim = _ndim(x)
+    last_dims = ([-1], [_ndim(x) - 1])
+    online = _online_softmax_parts(x, last_dims)
+    if online is not None:
+        return x if (row_max, denominator) == online else None
     if not (isinstance(row_max, Node) and row_max.target == aten.amax.default and row_max.args[0] is x
-            and list(row_max.args[1]) in ([-1], [ndim - 1]) and kwarg_or_arg(row_max, 2, "keepdim", False)):
+            and list(row_max.args[1]) in last_dims and kwarg_or_arg(row_max, 2, "keepdim", False)):
         return None
     if not (isinstance(denominator, Node) and denominator.target == aten.sum.dim_IntList
-            and denominator.args[0] is numerator and list(denominator.args[1]) in ([-1], [ndim - 1])
+            and denominator.args[0] is numerator and list(denominator.args[1]) in last_dims
             and kwarg_or_arg(denominator, 2, "keepdim", False)):
         return None
     return x
+
+
+def _online_softmax_parts(x: Any, last_dims: tuple) -> tuple[Node, Node] | None:
+    """The (max, sum) outputs of Inductor's prepare_softmax_online(x, last dim), if x has them."""
+    prepare = getattr(getattr(torch.ops.prims, "prepare_softmax_online", None), "default", None)
+    if prepare is None or not isinstance(x, Node):
+        return None
+    for user in x.users:
+        if user.target == prepare and user.args[0] is x and [user.args[1]] in last_dims:
+            parts = {u.args[1]: u for u in user.users if u.target is operator.getitem}
+            if 0 in parts and 1 in parts:
+                return parts[0], parts[1]
+    return None
 
 
 def _tail(shape) -> tuple[int | None, int | None] | None:

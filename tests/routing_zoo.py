@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims.prepare_softmax_online)
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -1133,6 +1134,26 @@ class _Variant3DUnflatten(_Router):
         return topk_weights * self.rsf, topk_ids
 
 
+class _VariantOnlineSoftmax(HFDeepseekV2Router):
+    """HF DeepseekV2 group_limited_greedy with the softmax as Inductor rewrites it for Triton (CUDA)
+    graphs: exp(x - m) / s with (m, s) = prepare_softmax_online(x). CPU graphs never get this form,
+    so the case spells it out."""
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.view(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+        row_max, row_sum = torch.ops.prims.prepare_softmax_online(router_logits, -1)
+        scores = torch.exp(router_logits - row_max) / row_sum
+        per_group = self.num_experts // self.num_group
+        group_scores = scores.view(-1, self.num_group, per_group).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, self.num_group, per_group).reshape(-1, self.num_experts)
+        scores = scores.masked_fill(~score_mask.bool(), 0.0)
+        topk_weights, topk_indices = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        return router_logits, topk_weights * self.routed_scaling_factor, topk_indices
+
+
 # --------------------------------------------------------------------------------------------
 # The cases
 # --------------------------------------------------------------------------------------------
@@ -1213,6 +1234,13 @@ CASES: list[RoutingCase] = [
           "transformers v5 DeepseekV2TopkRouter, topk_method='group_limited_greedy', DeepSeek-V2 config, "
           + _TRANSFORMERS + "deepseek_v2/modeling_deepseek_v2.py",
           HFDeepseekV2Router, shape=(2, 5, H), outputs=_HF_OUT, num_experts=160, top_k=6,
+          topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0,
+          expected=_expect(8, 3, 6, scoring_func="softmax", group_score_topk=1, masked_score=0.0, renormalize=False,
+                           routed_scaling_factor=16.0, has_bias=False, weights_from_masked_scores=True)),
+    _case("hf_deepseek_v2_online_softmax",
+          "transformers v5 DeepseekV2TopkRouter as Inductor leaves it in CUDA graphs (softmax through "
+          "prepare_softmax_online)",
+          _VariantOnlineSoftmax, shape=(2, 5, H), outputs=_HF_OUT, num_experts=160, top_k=6,
           topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0,
           expected=_expect(8, 3, 6, scoring_func="softmax", group_score_topk=1, masked_score=0.0, renormalize=False,
                            routed_scaling_factor=16.0, has_bias=False, weights_from_masked_scores=True)),
