@@ -4,15 +4,21 @@ It runs after the routing rewrite and starts from each fused gate's outputs (the
 ids and weights). Like the routing rewrite, it reads the post-grad graph forward and gives nodes a
 meaning ("the pairs sorted by expert", "x @ W_e^T for each sorted pair", "silu(gate) * up",
 "the down projection weighted by the routing weight, back in pair order", "the sum over the k picks")
-with one rule per ATen op that checks every argument. Two public implementations are covered:
+with one rule per ATen op that checks every argument. Three public implementations are covered:
 
 - transformers v5 ``grouped_mm``: sort the (token, pick) pairs by expert, gather the tokens' rows,
   ``histc`` + ``cumsum`` offsets, ``_grouped_mm`` (or transformers' CPU fallback op) for gate_up and
   down, weight, un-permute with the inverse permutation, sum over the picks;
 - transformers v5 ``batched_mm``: replicate each token's row per pick, gather the experts' weight
-  matrices by id, ``bmm`` for gate_up and down, weight, sum over the picks.
+  matrices by id, ``bmm`` for gate_up and down, weight, sum over the picks;
+- torchtitan's grouped experts: ``histc`` of the ids, ``argsort`` by expert, the tokens' rows by
+  ``gather`` with the sorted token index expanded over the hidden size, ``_grouped_mm`` with separate
+  w1, w3, w2, weight, ``scatter_add`` at the tokens' rows onto zeros or onto the shared expert's
+  output (``base``): the rewrite then gives ``fused_experts(..) + base``, which the shared-expert
+  rewrite folds. torchtitan's ``score_before_experts=True`` weights the expert *inputs*; for
+  nonlinear experts that is another function, so it is refused with that reason.
 
-Both may guard against expert-parallel sentinels (ids >= E): clamps of the ids and rows masked where
+The transformers ones may guard against expert-parallel sentinels (ids >= E): clamps of the ids and rows masked where
 ``ids >= E``. The fused gate's ids are below E, so those clamps and masks change nothing and are read
 as identities.
 
@@ -40,6 +46,7 @@ from .graph_utils import (
     silu_core,
     kwarg_or_arg,
     prims,
+    same_shape,
     same_size,
     size_sources,
     static_int,
@@ -113,8 +120,12 @@ class InversePerm:  # sorted row of each pair
 
 
 @dataclass(frozen=True)
-class SortedTokens:  # token of each sorted row
+class SortedTokens:
+    """Token of each sorted row: [N], or [N, width] with the token along each row (the index with
+    which gather / scatter_add move whole rows)."""
+
     route: Route
+    width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,15 @@ class SortedRows:  # x[token of each sorted row]
 class SortedWeights:
     route: Route
     source: Node
+
+
+@dataclass(frozen=True)
+class WeightedRows:
+    """Sorted rows times their routing weights, before the experts (torchtitan's
+    score_before_experts=True): E(w * x) is not w * E(x) for a nonlinear expert, and fused_experts
+    computes the latter."""
+
+    route: Route
 
 
 @dataclass(frozen=True)
@@ -198,8 +218,9 @@ class ExpertOut:  # Expert_e(x) per pair or sorted row, possibly times the routi
 
 
 @dataclass(frozen=True)
-class Routed:  # sum over the picks: [.., H]
+class Routed:  # sum over the picks, [.., H], plus `base` when they are accumulated onto it
     out: ExpertOut
+    base: Node | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +256,11 @@ def _token_index(node: Any, topk: int) -> bool:
     tokens = _spread_over_picks(strip_views(node), topk)
     return (isinstance(tokens, Node) and tokens.target == prims.iota.default and tokens.kwargs.get("start", 0) == 0
             and tokens.kwargs.get("step", 1) == 1 and fake(tokens).dim() == 1)
+
+
+def _zeros(node: Any) -> bool:
+    return isinstance(node, Node) and (node.target == aten.zeros.default
+                                       or node.target == aten.full.default and node.args[1] == 0)
 
 
 def _rows_per_pick(node: Any, topk: int) -> Node | None:
@@ -295,6 +321,19 @@ class ExpertsAnalysis:
             return replace(m, per_pick=True)
         if isinstance(m, Routed) and same_size(out.shape[-1], source.shape[-1]):
             return m  # token reshape
+        column = source.dim() == 1 and out.dim() == 2 and static_int(out.shape[1]) == 1
+        if isinstance(m, SortedTokens) and m.width is None and column:
+            return replace(m, width=1)
+        if isinstance(m, SortedWeights) and column:
+            return m  # [N, 1] for broadcasting against [N, H]
+        return None
+
+    def expand(self, node: Node):
+        m, out = self.of(node.args[0]), fake(node)
+        width = static_int(out.shape[1]) if out.dim() == 2 else None
+        if isinstance(m, SortedTokens) and m.width == 1 and width is not None \
+                and same_size(out.shape[0], fake(node.args[0]).shape[0]):
+            return replace(m, width=width)
         return None
 
     def identity(self, node: Node):
@@ -305,15 +344,15 @@ class ExpertsAnalysis:
         source = fake(node.args[0]).dtype
         if isinstance(m, (RouteWeights, SortedWeights)):
             return m  # the weights in another dtype
-        if isinstance(m, SortedIds) and dtype in (torch.float32, torch.int32):
+        if isinstance(m, (Ids, SortedIds)) and dtype in (torch.float32, torch.int32):
             return m  # exact for expert ids (histc takes float on the CPU, int on CUDA)
         # Eager runs silu on 16-bit tensors in float32 and rounds the result back.
         if isinstance(m, Proj) and not m.upcast and not m.column and dtype == torch.float32 and source != dtype:
             return replace(m, upcast=True)
         if isinstance(m, Activated) and m.proj.upcast and dtype == fake(m.proj.weight).dtype:
             return Activated(replace(m.proj, upcast=False))
-        if isinstance(m, ExpertOut) and m.weights is not None and m.space == "pair" and not m.per_pick:
-            return m  # weighted outputs cast before they are accumulated
+        if isinstance(m, ExpertOut) and not m.per_pick and not m.column and dtype.is_floating_point:
+            return m  # outputs cast before they are weighted or accumulated
         if isinstance(m, Routed) and dtype == fake(m.out.inter.x).dtype:
             return m  # a sum computed in float32 (float32 routing weights) rounded to the hidden dtype
         return None
@@ -360,7 +399,8 @@ class ExpertsAnalysis:
         if len(indices) != 1 or not isinstance(indices[0], Node):
             return None
         by, m = self.of(indices[0]), self.of(source)
-        if isinstance(by, SortedTokens) and m is None and fake(source) is not None and fake(source).dim() == 2:
+        if isinstance(by, SortedTokens) and by.width is None and m is None and fake(source) is not None \
+                and fake(source).dim() == 2:
             return SortedRows(by.route, source)
         if isinstance(by, Perm) and m is None:  # x[token of each pair][perm]
             x = _rows_per_pick(source, by.route.topk)
@@ -376,6 +416,16 @@ class ExpertsAnalysis:
         if isinstance(by, InversePerm) and isinstance(m, ExpertOut) and m.space == "sorted" \
                 and m.weights is not None and m.inter.route == by.route:
             return replace(m, space="pair")
+        return None
+
+    def gather(self, node: Node):
+        """x.gather(0, token of each sorted row along the row): x[token of each sorted row]
+        (sparse_grad only concerns the backward)."""
+        source, dim, index = node.args[:3]
+        by, x = self.of(index), fake(source)
+        if isinstance(by, SortedTokens) and by.width is not None and dim == 0 and self.of(source) is None \
+                and x is not None and x.dim() == 2 and same_size(by.width, x.shape[1]):
+            return SortedRows(by.route, source)
         return None
 
     def clamp(self, node: Node):
@@ -408,10 +458,17 @@ class ExpertsAnalysis:
         return None
 
     def histc(self, node: Node):
-        m = self.of(node.args[0])
+        """Counts per expert of the ids (in any order). With max E - 1 (transformers) or E (torchtitan)
+        each id lands in its own bin: exactly with integer ids (CUDA), and with float32 ids while
+        id * E is exact, E * E <= 2**24 (the CPU kernel miscounts from E = 4098)."""
+        m, ids = self.of(node.args[0]), fake(node.args[0])
         bins, low, high = (kwarg_or_arg(node, 1, "bins", 100), kwarg_or_arg(node, 2, "min", 0),
                            kwarg_or_arg(node, 3, "max", 0))
-        if isinstance(m, SortedIds) and bins == m.route.num_experts and low == 0 and high == m.route.num_experts - 1:
+        if not isinstance(m, (Ids, SortedIds)):
+            return None
+        experts = m.route.num_experts
+        if bins == experts and low == 0 and high in (experts - 1, experts) \
+                and (not ids.dtype.is_floating_point or experts * experts <= 2**24):
             return Counts(m.route)
         return None
 
@@ -518,12 +575,19 @@ class ExpertsAnalysis:
                     and up.route == act.proj.route and up.stop - up.start == act.proj.stop - act.proj.start:
                 gate = (act.proj.weight, act.proj.start, act.proj.stop)
                 return Inter(up.route, up.x, up.space, gate, (up.weight, up.start, up.stop))
-        for out, weights in ((ma, mb), (mb, ma)):
-            if isinstance(out, ExpertOut) and out.weights is None and not out.column and out.inter.route == getattr(
-                    weights, "route", None):
+        for out, weights, weights_node in ((ma, mb, b), (mb, ma, a)):
+            # [N, 1]: one weight per row (flat [N] weights would broadcast along the hidden size)
+            column = fake(weights_node) is not None and fake(weights_node).dim() == 2 \
+                and static_int(fake(weights_node).shape[1]) == 1
+            if isinstance(out, ExpertOut) and out.weights is None and not out.column and column \
+                    and out.inter.route == getattr(weights, "route", None):
                 if out.space == "sorted" and isinstance(weights, SortedWeights) \
                         or out.space == "pair" and isinstance(weights, RouteWeights) and weights.flat:
                     return replace(out, weights=weights.source)
+        for rows, weights in ((a, mb), (b, ma)):
+            rows = self.of(strip_views(rows, {prims.convert_element_type.default}))
+            if isinstance(weights, SortedWeights) and isinstance(rows, SortedRows) and rows.route == weights.route:
+                return WeightedRows(weights.route)
         for weights, factor in ((ma, b), (mb, a)):  # weights times a run-time scalar (e.g. a dynamic float)
             if isinstance(weights, RouteWeights) and not weights.flat and self.of(factor) is None \
                     and fake(factor) is not None and fake(factor).numel() == 1:
@@ -541,12 +605,24 @@ class ExpertsAnalysis:
         m = self.of(source)
         if not (isinstance(m, ExpertOut) and m.weights is not None and m.space == "pair" and not m.per_pick):
             return None
-        if not _token_index(index, m.inter.route.topk):
-            return None
-        if not (isinstance(base, Node) and base.target in (aten.full.default, aten.zeros.default)
-                and (base.target == aten.zeros.default or base.args[1] == 0)):
+        if not _token_index(index, m.inter.route.topk) or not _zeros(base):
             return None
         return Routed(m)
+
+    def scatter_add(self, node: Node):
+        """base.scatter_add(0, token of each sorted row along the row, weighted sorted rows): the sum
+        over the picks added onto base (zeros, or e.g. the shared expert's output)."""
+        base, dim, index, source = node.args[:4]
+        by, m = self.of(index), self.of(source)
+        if not (dim == 0 and isinstance(by, SortedTokens) and by.width is not None and isinstance(m, ExpertOut)
+                and m.space == "sorted" and m.weights is not None and not m.column and m.inter.route == by.route
+                and self.of(base) is None):
+            return None
+        # The index must cover every element of the rows and the base's whole row width.
+        if not (same_shape(fake(index).shape, fake(source).shape) and fake(base).dim() == 2
+                and same_size(by.width, fake(base).shape[1])):
+            return None
+        return Routed(m, None if _zeros(base) else base)
 
     def sum(self, node: Node):
         m = self.of(node.args[0])
@@ -566,6 +642,9 @@ _HANDLERS = {
     aten.index_add.default: ExpertsAnalysis.index_add,
     aten.div.Tensor_mode: ExpertsAnalysis.floor_divide,
     aten.index.Tensor: ExpertsAnalysis.index,
+    aten.gather.default: ExpertsAnalysis.gather,
+    aten.expand.default: ExpertsAnalysis.expand,
+    aten.scatter_add.default: ExpertsAnalysis.scatter_add,
     aten.histc.default: ExpertsAnalysis.histc,
     aten.clamp.default: ExpertsAnalysis.clamp,
     aten.clamp_max.default: ExpertsAnalysis.clamp,
@@ -614,10 +693,11 @@ def rewrite_experts(graph: Graph, options: Any) -> tuple[list[Rewrite], list[Ref
             continue
         _emit(graph, node, meaning, plan)
         out = meaning.out
-        rewrites.append(Rewrite(PASS_NAME, location, _spelling(out), dict(
+        rewrites.append(Rewrite(PASS_NAME, location, _spelling(meaning), dict(
             num_experts=out.inter.route.num_experts, topk=out.inter.route.topk,
             intermediate_size=out.inter.gate[2] - out.inter.gate[1], hidden_size=int(fake(out.inter.x).shape[-1]),
-            gate=_slice_text(out.inter.gate), up=_slice_text(out.inter.up), down=out.down.name)))
+            gate=_slice_text(out.inter.gate), up=_slice_text(out.inter.up), down=out.down.name,
+            added_to=meaning.base.name if meaning.base is not None else None)))
     refusals += _unrecognized(analysis, {m.out.inter.route for m in analysis.meaning.values() if isinstance(m, Routed)})
     if rewrites:
         graph.eliminate_dead_code()
@@ -645,16 +725,25 @@ def _unrecognized(analysis: ExpertsAnalysis, found: set[Route]) -> list[Refusal]
         for user in node.users:
             if user.op == "call_function" and user not in analysis.meaning:
                 stuck.setdefault(route, []).append(user)
-    return [Refusal(PASS_NAME, describe_location(route.gate),
-                    f"the experts reading the fused gate {route.gate.name} were not recognized; no rule explains "
-                    + ", ".join(f"{u.target} (node {u.name})" for u in users[:3]))
-            for route, users in stuck.items()]
+    weighted_inputs = {m.route for m in analysis.meaning.values() if isinstance(m, WeightedRows)}
+    refusals = []
+    for route, users in stuck.items():
+        reason = f"the experts reading the fused gate {route.gate.name} were not recognized; "
+        if route in weighted_inputs:
+            reason += ("the routing weights scale the experts' input rows (torchtitan's score_before_experts=True), "
+                       "which for nonlinear experts is not fused_experts' function (weights applied to the outputs)")
+        else:
+            reason += "no rule explains " + ", ".join(f"{u.target} (node {u.name})" for u in users[:3])
+        refusals.append(Refusal(PASS_NAME, describe_location(route.gate), reason))
+    return refusals
 
 
-def _spelling(out: ExpertOut) -> str:
-    layout = "gate_up [E, 2I, H]" if out.inter.gate[0] is out.inter.up[0] else "separate gate and up [E, I, H]"
-    way = "sort + grouped_mm + inverse permutation" if out.inter.space == "sorted" else "per-pick bmm"
-    return f"{way}; {layout}; silu(gate) * up; down [E, H, I]; weighted sum over the picks"
+def _spelling(meaning: Routed) -> str:
+    inter = meaning.out.inter
+    layout = "gate_up [E, 2I, H]" if inter.gate[0] is inter.up[0] else "separate gate and up [E, I, H]"
+    way = "sort by expert + grouped_mm" if inter.space == "sorted" else "per-pick bmm"
+    total = "weighted sum over the picks" + (" added onto another tensor" if meaning.base is not None else "")
+    return f"{way}; {layout}; silu(gate) * up; down [E, H, I]; {total}"
 
 
 def _slice_text(part: tuple[Node, int, int]) -> str:
@@ -695,5 +784,7 @@ def _emit(graph: Graph, node: Node, meaning: Routed, shape_sources: list) -> Non
         ids = build.call(operator.getitem, (inter.route.gate, 1))
         fused = build.call(EXPERTS_OP, (inter.x, meaning.out.weights, ids, weight_view(inter.gate),
                                         weight_view(inter.up), down, None, None, None, None))
+        if meaning.base is not None:  # a plain add, which the shared-expert rewrite can fold
+            fused = build.call(aten.add.Tensor, (fused, meaning.base))
         result = build.conform(fused, fake(node), shape_sources)
     node.replace_all_uses_with(result)

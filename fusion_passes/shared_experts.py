@@ -5,8 +5,9 @@ added to a separate shared MLP ``down(silu(gate(x)) * up(x))`` of the same token
 token by ``sigmoid(x @ w)`` (Qwen2-MoE). A shared MLP of intermediate size ``S*I`` is the sum of
 ``S`` experts of the routed size ``I``, so the rewrite asks a copy of the fused gate for ``S`` extra
 columns (ids ``E..E+S-1``, weight 1) and passes the shared MLP's own Linear weights to
-``fused_experts`` as those slots: nothing is copied. A routed scaling applied to the routed output
-(``routed * rsf + shared``) moves into the gate's weights.
+``fused_experts`` as those slots: nothing is copied. Other readers of the gate's ids (torchtitan's
+load-balancing counts) read the copy's first ``k`` columns, the same picks, so one gate runs. A
+routed scaling applied to the routed output (``routed * rsf + shared``) moves into the gate's weights.
 
 Anything else between the routed sum and the add (a norm, a projection, an average), a shared MLP
 that reads other tokens, another activation or biased Linears: the graph is left as it was and the
@@ -249,14 +250,20 @@ def _emit(graph: Graph, plan: _Plan) -> None:
     experts, shared = plan.experts, plan.shared
     old_gate = _gate_of(experts)
     build = GraphBuilder(graph, experts.args[0])
-    with graph.inserting_before(plan.add):
-        gate_args = list(old_gate.args)
-        gate_args[_SHARED_ARG] = plan.slots
-        if plan.scale is not None:
-            gate_args[_SCALE_ARG] = plan.scale
+    gate_args = list(old_gate.args)
+    gate_args[_SHARED_ARG] = plan.slots
+    if plan.scale is not None:
+        gate_args[_SCALE_ARG] = plan.scale
+    with graph.inserting_before(old_gate.next):  # before every reader of the old gate
         gate = build.call(GATE_OP, tuple(gate_args))
         weights = build.call(operator.getitem, (gate, 0))
         ids = build.call(operator.getitem, (gate, 1))
+        routed_ids = build.call(aten.slice.Tensor, (ids, -1, 0, old_gate.args[4]))
+    # The first k columns are the same picks: other readers of the ids (e.g. torchtitan's
+    # load-balancing counts) read them, so that one gate runs.
+    for old_ids in [n for n in old_gate.users if n.args[1] == 1]:
+        old_ids.replace_all_uses_with(routed_ids)
+    with graph.inserting_before(plan.add):
         token_weight = None
         if shared.token_gate is not None:
             token_weight = build.call(aten.reshape.default, (shared.token_gate, [-1]))

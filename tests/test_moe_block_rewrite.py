@@ -182,6 +182,133 @@ def test_a_mask_over_real_experts_is_not_taken_for_a_sentinel_guard(implementati
         _compare(outputs, block(x), dtype)
 
 
+class TorchtitanFeedForward(nn.Module):
+    """torchtitan's dense / shared expert: w2(silu(w1(x)) * w3(x)), Linears without bias."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(hidden, intermediate, bias=False)
+        self.w2 = nn.Linear(intermediate, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, intermediate, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TorchtitanStyleBlock(nn.Module):
+    """The MoE layer as torchtitan writes it (torchtitan/models/moe/moe.py), re-expressed: experts with
+    separate w1, w3 [E, I, H] and w2 [E, H, I]; per-expert counts by histc (torchtitan: max=E), which
+    also feed a load-balancing buffer; a stable argsort of the ids; the tokens' rows by gather;
+    grouped_mm in bf16; the routing scores applied to the expert outputs, or to their inputs with
+    score_before_experts; scatter_add onto the shared expert's output, or onto zeros without one.
+    histc gets float ids: its CPU kernel takes no integers."""
+
+    def __init__(self, shared_experts: int = 1, score_before_experts: bool = False, histc_max: int | None = None,
+                 num_experts: int = ExampleConfig.num_experts):
+        super().__init__()
+        torch.manual_seed(0)
+        self.cfg = cfg = ExampleConfig(num_experts=num_experts)
+        hidden, inter, experts = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        self.router = Router(cfg)
+        self.w1 = nn.Parameter(torch.randn(experts, inter, hidden) * hidden**-0.5)
+        self.w3 = nn.Parameter(torch.randn(experts, inter, hidden) * hidden**-0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, inter) * inter**-0.5)
+        self.shared_experts = TorchtitanFeedForward(hidden, inter * shared_experts) if shared_experts else None
+        self.score_before_experts = score_before_experts
+        self.histc_max = experts if histc_max is None else histc_max
+        self.to(torch.bfloat16)
+        self.register_buffer("tokens_per_expert", torch.zeros(experts), persistent=False)
+
+    def grouped_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        hidden = F.silu(torch._grouped_mm(rows.bfloat16(), self.w1.bfloat16().transpose(-2, -1), offs=offsets))
+        hidden = hidden * torch._grouped_mm(rows.bfloat16(), self.w3.bfloat16().transpose(-2, -1), offs=offsets)
+        return torch._grouped_mm(hidden, self.w2.bfloat16().transpose(-2, -1), offs=offsets).type_as(rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        x = x.view(-1, hidden)
+        scores, ids = self.router(x)
+        topk = ids.shape[1]
+        counts = torch.histc(ids.view(-1).float(), bins=self.cfg.num_experts, min=0, max=self.histc_max)
+        with torch.no_grad():
+            self.tokens_per_expert.add_(counts)
+        pair_order = torch.argsort(ids.view(-1), stable=True)
+        sorted_scores = scores.view(-1)[pair_order]
+        row_tokens = (pair_order // topk).reshape(-1, 1).expand(-1, hidden)
+        rows = torch.gather(x, dim=0, index=row_tokens)
+        if self.score_before_experts:
+            rows = (rows.to(torch.float32) * sorted_scores.reshape(-1, 1)).to(x.dtype)
+        expert_rows = self.grouped_experts(rows, counts)
+        out = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
+        if not self.score_before_experts:
+            expert_rows = (expert_rows.to(torch.float32) * sorted_scores.reshape(-1, 1)).to(x.dtype)
+        return out.scatter_add(dim=0, index=row_tokens, src=expert_rows).reshape(batch, seq, hidden)
+
+
+def _torchtitan_input(block: TorchtitanStyleBlock) -> torch.Tensor:
+    return torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+
+
+def test_torchtitan_routed_experts_and_shared_expert_become_one_fused_experts():
+    block = TorchtitanStyleBlock(shared_experts=2).eval()
+    x = _torchtitan_input(block)
+    compiled, outputs, report = compile_with_report(block, x)
+    assert not internal_errors(report)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
+        [r.reason for r in report.refusals]
+    assert next(r for r in report.rewrites if r.pass_name == "shared_experts").params["shared_slots"] == 2
+    with torch.no_grad():
+        assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
+        # The load-balancing counts (two compiled runs so far) now read the one gate's routed columns.
+        ids = block.router(x.view(-1, x.shape[-1]))[1]
+        counts = torch.bincount(ids.view(-1), minlength=block.cfg.num_experts).float()
+        torch.testing.assert_close(block.tokens_per_expert, 2 * counts, rtol=0, atol=0)
+        _compare(outputs, block(x), torch.bfloat16)
+
+
+@pytest.mark.parametrize("histc_max", [ExampleConfig().num_experts, ExampleConfig().num_experts - 1],
+                         ids=["max_E", "max_E-1"])
+def test_torchtitan_routed_experts_without_shared_expert(histc_max):
+    block = TorchtitanStyleBlock(shared_experts=0, histc_max=histc_max).eval()
+    x = _torchtitan_input(block)
+    compiled, outputs, report = compile_with_report(block, x)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 0], \
+        [r.reason for r in report.refusals]
+    assert next(r for r in report.rewrites if r.pass_name == "experts").params["added_to"] is None
+    with torch.no_grad():
+        assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
+        _compare(outputs, block(x), torch.bfloat16)
+
+
+@pytest.mark.parametrize("num_experts, rewritten", [(4096, True), (4100, False)])
+def test_float_histc_counts_are_trusted_only_while_exact(num_experts, rewritten):
+    # float32 histc puts id i in bin i while i * E is exact (E * E <= 2**24); the CPU kernel miscounts
+    # from E = 4098 on.
+    block = TorchtitanStyleBlock(shared_experts=0, num_experts=num_experts).eval()
+    x = _torchtitan_input(block)
+    _, outputs, report = compile_with_report(block, x)
+    assert [report.count(n) for n in ("routing", "experts")] == [1, int(rewritten)], \
+        [r.reason for r in report.refusals]
+    if not rewritten:
+        assert any("aten.histc" in r.reason for r in report.refusals if r.pass_name == "experts")
+    with torch.no_grad():
+        _compare(outputs, block(x), torch.bfloat16)
+
+
+def test_torchtitan_scores_before_experts_are_refused():
+    # Weighting the inputs gives w * E(x) only for linear experts; fused_experts weights the outputs.
+    block = TorchtitanStyleBlock(score_before_experts=True).eval()
+    x = _torchtitan_input(block)
+    compiled, outputs, report = compile_with_report(block, x)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 0, 0]
+    assert any("score_before_experts=True" in r.reason for r in report.refusals if r.pass_name == "experts"), \
+        [r.reason for r in report.refusals]
+    with torch.no_grad():
+        assert fused_op_calls(compiled, x) == {GATE: 1}
+        _compare(outputs, block(x), torch.bfloat16)
+
+
 def _compare(compiled_out, eager_out, dtype):
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     if isinstance(eager_out, tuple):
@@ -372,5 +499,5 @@ class TestBlockGraph(expecttest.TestCase):
         block = tiny_hf_moe("deepseek_v3", "grouped_mm", num_hidden_layers=1).model.layers[0].mlp
         _, _, report = compile_with_report(block, torch.randn(2, 5, 64))
         self.assertExpectedInline(str(normalized_ops(report.graphs[0].graph_after)), """\
-['aten.reshape', 'aten.permute', 'aten.mm', 'aten.reshape', 'aten.slice', 'aten.slice', 'moe_fusion.moe_fused_gate', \
+['aten.reshape', 'aten.permute', 'aten.mm', 'moe_fusion.moe_fused_gate', 'aten.reshape', 'aten.slice', 'aten.slice', \
 'moe_fusion.fused_experts', 'aten.reshape']""")
