@@ -16,14 +16,53 @@ from typing import NamedTuple
 import torch
 
 
-def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x rounded to `dtype` and held in float32 (the eager code's storage rounding)."""
+def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x rounded to `dtype` and held in float32 (the eager code's storage rounding); float32 keeps x as is."""
     return x if dtype == torch.float32 else x.to(dtype).float()
 
 
 def _order_desc(x: torch.Tensor) -> torch.Tensor:
     """Indices sorting the last dim descending; NaN first, ties by lower index (stable sort)."""
     return torch.sort(x, dim=-1, descending=True, stable=True).indices
+
+
+def gate_scores(x: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """Step 1 of the contract, unrounded: sigmoid or softmax of the logits `x` [T, E]."""
+    return torch.softmax(x, dim=-1) if scoring_func == "softmax" else torch.sigmoid(x)
+
+
+def kept_experts(
+    selection: torch.Tensor,
+    num_expert_group: int,
+    topk_group: int,
+    group_score_topk: int,
+    selection_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Step 2 of the contract: bool [T, E], True for the experts of the `topk_group` best groups."""
+    tokens, num_experts = selection.shape
+    if topk_group == num_expert_group:
+        return torch.ones(tokens, num_experts, dtype=torch.bool, device=selection.device)
+    group_size = num_experts // num_expert_group
+    grouped = selection.view(tokens, num_expert_group, group_size)
+    best = torch.gather(grouped, -1, _order_desc(grouped)[..., :group_score_topk])
+    group_score = best[..., 0]
+    for j in range(1, group_score_topk):  # summed in descending order
+        group_score = group_score + best[..., j]
+    group_score = rounded(group_score, selection_dtype)
+    kept_group_mask = torch.zeros(tokens, num_expert_group, dtype=torch.bool, device=selection.device)
+    kept_group_mask.scatter_(1, _order_desc(group_score)[:, :topk_group], True)
+    return kept_group_mask.repeat_interleave(group_size, dim=1)
+
+
+def picked_scores(
+    scores: torch.Tensor, kept: torch.Tensor | None, ids: torch.Tensor, masked_fill: float | None
+) -> torch.Tensor:
+    """The weights of the chosen `ids` [T, k] before renormalisation: their scores, or `masked_fill`
+    (given with `kept`) for picks of dropped groups."""
+    picked = torch.gather(scores, 1, ids)
+    if masked_fill is None:
+        return picked
+    return torch.where(torch.gather(kept, 1, ids), picked, torch.full_like(picked, masked_fill))
 
 
 class GateReference(NamedTuple):
@@ -54,32 +93,19 @@ def gate_reference(
     compute_dtype: torch.dtype | None = None,
 ) -> GateReference:
     num_experts = logits.shape[-1]
-    group_size = num_experts // num_expert_group
     x = logits.reshape(-1, num_experts).float()
-    tokens = x.shape[0]
     score_dtype = compute_dtype or torch.float32
 
-    scores = torch.softmax(x, dim=-1) if scoring_func == "softmax" else torch.sigmoid(x)
-    scores = _rounded(scores, score_dtype)
+    scores = rounded(gate_scores(x, scoring_func), score_dtype)
     if bias is None:
         selection_dtype = score_dtype
         selection = scores
     else:
         selection_dtype = score_dtype if bias.dtype == score_dtype else torch.float32
-        selection = _rounded(scores + bias.float(), selection_dtype)
-    fill = _rounded(torch.tensor(masked_score, dtype=torch.float32), selection_dtype).item()
+        selection = rounded(scores + bias.float(), selection_dtype)
+    fill = rounded(torch.tensor(masked_score, dtype=torch.float32), selection_dtype).item()
 
-    kept = torch.ones(tokens, num_experts, dtype=torch.bool, device=x.device)
-    if topk_group < num_expert_group:
-        grouped = selection.view(tokens, num_expert_group, group_size)
-        best = torch.gather(grouped, -1, _order_desc(grouped)[..., :group_score_topk])
-        group_score = best[..., 0]
-        for j in range(1, group_score_topk):  # summed in descending order
-            group_score = group_score + best[..., j]
-        group_score = _rounded(group_score, selection_dtype)
-        kept_group_mask = torch.zeros(tokens, num_expert_group, dtype=torch.bool, device=x.device)
-        kept_group_mask.scatter_(1, _order_desc(group_score)[:, :topk_group], True)
-        kept = kept_group_mask.repeat_interleave(group_size, dim=1)
+    kept = kept_experts(selection, num_expert_group, topk_group, group_score_topk, selection_dtype)
     masked = torch.where(kept, selection, torch.full_like(selection, fill))
 
     ids = _order_desc(masked)[:, :topk]
@@ -101,13 +127,11 @@ def gate_weights_for_ids(
     weight_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Routed weights of the chosen `ids` [T, k] (step 4 of the contract)."""
-    weights = torch.gather(scores, 1, ids)
-    if masked_fill is not None:
-        weights = torch.where(torch.gather(kept, 1, ids), weights, torch.full_like(weights, masked_fill))
+    weights = picked_scores(scores, kept, ids, masked_fill)
     if renormalize:
-        denominator = _rounded(_rounded(weights.sum(-1, keepdim=True), weight_dtype) + renormalize_eps, weight_dtype)
-        weights = _rounded(weights / denominator, weight_dtype)
-    return _rounded(weights * scale, weight_dtype)
+        denominator = rounded(rounded(weights.sum(-1, keepdim=True), weight_dtype) + renormalize_eps, weight_dtype)
+        weights = rounded(weights / denominator, weight_dtype)
+    return rounded(weights * scale, weight_dtype)
 
 
 def moe_fused_gate_reference(

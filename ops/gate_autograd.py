@@ -1,0 +1,119 @@
+"""Autograd for ``moe_fusion::moe_fused_gate``: the weights are differentiable w.r.t. the logits.
+
+Given the picked ids (discrete, so constant under differentiation), the routed weights of a token are
+
+    v_i = s[id_i]                       s = sigmoid(logits) or softmax(logits)
+    D   = sum_i v_i + renormalize_eps   (routed picks only; shared columns never enter it)
+    w_i = c * v_i / D                   (c * v_i without renormalisation)
+
+with ``c = routed_scaling_factor``, or 1 when it is applied on the output. With
+``weights_from_masked_scores`` a pick of a dropped group has ``v_i = masked_score``, a constant that
+still counts in ``D``. The backward is the exact derivative of that, for an upstream gradient ``g``:
+
+    dL/dv_j = c * (g_j - sum_i g_i v_i / D) / D      (c * g_j without renormalisation; 0 for constant picks)
+    dL/ds   = scatter-add of dL/dv over the ids
+    dL/dx   = dL/ds * s * (1 - s)                    (sigmoid)
+            = s * (dL/ds - sum_e dL/ds_e * s_e)      (softmax)
+
+Constants, with no gradient: the fused shared-expert columns, the constant picks above, the ids (an
+integer output) and the bias, which only changes which experts are picked (aux-loss-free balancing
+updates it outside autograd); ``bias.grad`` stays None. ``compute_dtype``'s roundings (of the scores,
+the masked score and each weight step) are treated as identities: the backward differentiates the
+unrounded chain in float32 (float64 when ``gate_logits_grad`` gets float64 logits, as the tests'
+gradcheck does; the op takes none) at the forward's picks; only the kept groups, which decide which
+picks are constants, are recomputed with the forward's rounding.
+``weights_dtype`` is a cast, so its gradient is the upstream gradient in float32.
+
+Nothing but the logits and the ids is saved: the backward recomputes the scores (and, for
+``weights_from_masked_scores``, the kept groups) from the logits with the reference's helpers, so
+the forward kernels write no extra outputs. The kept groups are recomputed with torch's
+sigmoid/softmax, so where two group scores tie to within the kernel's last-ulp difference from torch
+the backward may treat a pick from one of them differently from the forward. The backward is written
+with PyTorch ops and runs on CPU and CUDA, eager and under ``torch.compile``; a fused CUDA backward
+kernel is a later step. The ``.out`` overload is not differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import gate_scores, kept_experts, picked_scores, rounded
+
+
+def gate_logits_grad(
+    grad_weights: torch.Tensor,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    num_expert_group: int,
+    topk_group: int,
+    topk: int,
+    *,
+    scoring_func: str,
+    group_score_topk: int,
+    masked_score: float,
+    renormalize: bool,
+    renormalize_eps: float,
+    routed_scaling_factor: float,
+    apply_routed_scaling_factor_on_output: bool,
+    weights_from_masked_scores: bool,
+    compute_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """The gradient w.r.t. `logits` [..., E] of the gate's weights, given their gradient and the ids
+    [..., topk + shared]; the options are ``gate_reference``'s (see the module docstring for the formula)."""
+    num_experts = logits.shape[-1]
+    work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.reshape(-1, num_experts).to(work_dtype)
+    routed_ids = ids.reshape(-1, ids.shape[-1])[:, :topk].long()
+    # The shared columns are constants: their gradient is dropped here.
+    grad = grad_weights.reshape(-1, grad_weights.shape[-1])[:, :topk].to(work_dtype)
+
+    scores = gate_scores(x, scoring_func)
+    kept = None
+    if weights_from_masked_scores:
+        # bias is None in this mode, so the forward chose the groups on the scores in compute_dtype.
+        score_dtype = compute_dtype or torch.float32
+        kept = kept_experts(rounded(scores, score_dtype), num_expert_group, topk_group, group_score_topk,
+                            score_dtype)
+    picked = picked_scores(scores, kept, routed_ids, masked_score if weights_from_masked_scores else None)
+
+    scale = 1.0 if apply_routed_scaling_factor_on_output else routed_scaling_factor
+    grad_picked = grad * scale
+    if renormalize:
+        denominator = picked.sum(-1, keepdim=True) + renormalize_eps
+        grad_picked = (grad_picked - (grad_picked * picked).sum(-1, keepdim=True) / denominator) / denominator
+    if kept is not None:
+        grad_picked = torch.where(kept.gather(1, routed_ids), grad_picked, 0.0)
+    grad_scores = torch.zeros_like(scores).scatter_add_(1, routed_ids, grad_picked)
+
+    if scoring_func == "softmax":
+        grad_x = scores * (grad_scores - (grad_scores * scores).sum(-1, keepdim=True))
+    else:
+        grad_x = grad_scores * scores * (1.0 - scores)
+    return grad_x.to(logits.dtype).reshape(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    (logits, _bias, num_expert_group, topk_group, topk, scoring_func, group_score_topk, masked_score, renormalize,
+     renormalize_eps, routed_scaling_factor, _num_fused_shared_experts, apply_routed_scaling_factor_on_output,
+     weights_from_masked_scores, compute_dtype, _weights_dtype, _ids_dtype) = inputs
+    _weights, ids = output
+    ctx.save_for_backward(logits, ids)
+    ctx.groups_and_topk = (num_expert_group, topk_group, topk)
+    ctx.options = dict(
+        scoring_func=scoring_func, group_score_topk=group_score_topk, masked_score=masked_score,
+        renormalize=renormalize, renormalize_eps=renormalize_eps, routed_scaling_factor=routed_scaling_factor,
+        apply_routed_scaling_factor_on_output=apply_routed_scaling_factor_on_output,
+        weights_from_masked_scores=weights_from_masked_scores, compute_dtype=compute_dtype,
+    )
+
+
+def _backward(ctx, grad_weights, _grad_ids):
+    logits, ids = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = gate_logits_grad(grad_weights, logits, ids, *ctx.groups_and_topk, **ctx.options)
+    # Only the logits get a gradient; the bias and the 15 non-tensor arguments get None.
+    return (grad_logits,) + (None,) * 16
+
+
+torch.library.register_autograd("moe_fusion::moe_fused_gate", _backward, setup_context=_setup_context)

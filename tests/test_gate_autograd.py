@@ -1,0 +1,297 @@
+"""Autograd of moe_fused_gate: the gradient w.r.t. the logits against autograd through ops.reference.
+
+The reference side always uses the op's own picks (ids, and the kept groups as the forward chose
+them), so a kernel that breaks an ulp-level tie differently from torch cannot make the comparison flaky.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from conftest import DEVICES
+from gate_cases import gate_cases, make_logits, random_bias, random_logits
+from gate_checks import positional_args
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ops
+from ops.gate_autograd import gate_logits_grad
+from ops.reference import gate_reference, gate_scores, gate_weights_for_ids
+
+# The op's options that only shape its outputs; gate_reference and gate_logits_grad take the rest.
+OUTPUT_OPTIONS = ("num_fused_shared_experts", "weights_dtype", "ids_dtype")
+
+# A masked score above most sigmoid scores: with weights_from_masked_scores, picks from dropped
+# groups (constant weights) then sit next to kept picks in the same token.
+HIGH_MASKED_SCORE = 0.8
+
+# The API's keyword options at their defaults.
+API_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(ops.moe_fused_gate).parameters.items()
+                if parameter.kind is parameter.KEYWORD_ONLY}
+
+
+def full_options(**changes):
+    """Every option of the API, at its default but for `changes`."""
+    return {**API_DEFAULTS, **changes}
+
+
+# (rtol, atol) of the op's gradient against float64 autograd: float32 arithmetic, or one rounding to
+# the 16-bit logits' dtype (float16 gradients may be subnormal).
+GRAD_TOLERANCE = {
+    torch.float32: (1e-5, 0.0),
+    torch.bfloat16: (8e-3, 0.0),
+    torch.float16: (1e-3, 6e-8),
+}
+# Where the gradient is a difference of larger terms (renormalisation, softmax), float32 leaves noise
+# of a few ulps of those terms, even where the true gradient is zero (topk=1 renormalised).
+CANCELLATION_NOISE = 8 * torch.finfo(torch.float32).eps
+
+
+def routing_options(options):
+    return {name: value for name, value in options.items() if name not in OUTPUT_OPTIONS}
+
+
+def reference_weights(logits, bias, num_expert_group, topk_group, topk, ids, options, work_dtype=torch.float32):
+    """The routed weights of the op's `ids` by ops.reference, differentiable w.r.t. `logits`.
+
+    The backward treats compute_dtype's roundings as identities, so the weights are the unrounded
+    ones (in `work_dtype`), with the kept groups chosen as the forward chose them (rounded).
+    """
+    routing = routing_options(options)
+    kept = gate_reference(logits.detach(), bias, num_expert_group, topk_group, topk, **routing).kept
+    scores = gate_scores(logits.reshape(-1, logits.shape[-1]).to(work_dtype), routing["scoring_func"])
+    masked_fill = routing["masked_score"] if routing["weights_from_masked_scores"] else None
+    scale = 1.0 if routing["apply_routed_scaling_factor_on_output"] else routing["routed_scaling_factor"]
+    routed_ids = ids.reshape(-1, ids.shape[-1])[:, :topk].long()
+    # weight_dtype float32: no rounding (float64 scores stay float64).
+    return gate_weights_for_ids(scores, kept, routed_ids, masked_fill, routing["renormalize"],
+                                routing["renormalize_eps"], scale, torch.float32)
+
+
+def check_op_grad(logits, bias, num_expert_group, topk_group, topk, options, seed):
+    """Checks the op's logits gradient, for a random upstream gradient, against float64 autograd
+    through the reference with the op's picks; returns the latter."""
+    x = logits.detach().requires_grad_()
+    weights, ids = ops.moe_fused_gate(x, bias, num_expert_group, topk_group, topk, **options)
+    # Random upstream gradient, in the weights' dtype, shared columns included: they must be ignored.
+    upstream = torch.randn(weights.shape, generator=torch.Generator().manual_seed(seed)).to(weights)
+    weights.backward(upstream)
+    assert x.grad.dtype == logits.dtype and x.grad.shape == logits.shape
+
+    x64 = logits.detach().double().requires_grad_()
+    routed_upstream = upstream.reshape(-1, upstream.shape[-1])[:, :topk].double()
+    expected_weights = reference_weights(x64, bias, num_expert_group, topk_group, topk, ids, options,
+                                         work_dtype=torch.float64)
+    (expected,) = torch.autograd.grad(expected_weights, x64, routed_upstream)
+
+    # Per token, the size of the terms that cancel: |g| * scale / denominator.
+    unscaled = {**options, "renormalize": False, "routed_scaling_factor": 1.0}
+    picked = reference_weights(x64.detach(), bias, num_expert_group, topk_group, topk, ids, unscaled,
+                               work_dtype=torch.float64)
+    denominator = picked.sum(-1, keepdim=True) + options["renormalize_eps"] if options["renormalize"] else 1.0
+    scale = 1.0 if options["apply_routed_scaling_factor_on_output"] else options["routed_scaling_factor"]
+    terms = routed_upstream.abs().amax(-1, keepdim=True) * scale / denominator
+
+    rtol, atol = GRAD_TOLERANCE[logits.dtype]
+    num_experts = logits.shape[-1]
+    error = (x.grad.double() - expected).reshape(-1, num_experts).abs()
+    allowed = rtol * expected.reshape(-1, num_experts).abs() + atol + CANCELLATION_NOISE * terms
+    if not (error <= allowed).all():
+        token, expert = divmod(int((error - allowed).argmax()), num_experts)
+        raise AssertionError(f"{int((error > allowed).sum())} of {error.numel()} gradients off; worst at token "
+                             f"{token}, expert {expert}: {x.grad.reshape(-1, num_experts)[token, expert].item()} vs "
+                             f"{expected.reshape(-1, num_experts)[token, expert].item()}")
+    return expected
+
+
+@st.composite
+def autograd_cases(draw):
+    case = draw(gate_cases())
+    if draw(st.booleans()):
+        case["options"]["masked_score"] = HIGH_MASKED_SCORE
+    return case
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=120)
+@given(case=autograd_cases())
+def test_grad_matches_reference_over_configurations(device, case):
+    logits = make_logits(case, device)
+    bias = None
+    if case["bias_dtype"] is not None:
+        gen = torch.Generator().manual_seed(case["seed"] + 1)  # the logits use case["seed"]
+        bias = random_bias(case["num_experts"], case["bias_dtype"], device, gen)
+    check_op_grad(logits, bias, case["groups"], case["topk_group"], case["topk"], case["options"], case["seed"])
+
+
+# (E, G, topk_group, topk, bias, options): each named option of the contract, on its own.
+NAMED_CASES = {
+    "sigmoid_groups_bias_renorm": (64, 8, 4, 6, True, full_options(routed_scaling_factor=2.5, renormalize_eps=1e-20)),
+    "sigmoid_no_groups_no_renorm": (64, 1, 1, 6, True, full_options(renormalize=False, routed_scaling_factor=2.5)),
+    "softmax_groups_renorm": (96, 8, 3, 6, False,
+                              full_options(scoring_func="softmax", group_score_topk=1, renormalize_eps=1e-3)),
+    "softmax_no_groups_no_renorm": (64, 1, 1, 6, False, full_options(
+        scoring_func="softmax", renormalize=False, routed_scaling_factor=16.0)),
+    "shared_columns_rsf_on_weights": (64, 8, 4, 6, True,
+                                      full_options(routed_scaling_factor=2.5, num_fused_shared_experts=2)),
+    "shared_columns_rsf_on_output": (64, 8, 4, 6, True, full_options(
+        routed_scaling_factor=2.5, num_fused_shared_experts=2, apply_routed_scaling_factor_on_output=True)),
+    "weights_from_masked_scores": (64, 8, 2, 6, False, full_options(
+        masked_score=HIGH_MASKED_SCORE, weights_from_masked_scores=True, routed_scaling_factor=2.5)),
+    "compute_dtype_bf16": (64, 8, 4, 6, True, full_options(compute_dtype=torch.bfloat16, routed_scaling_factor=2.5)),
+    # bf16 rounding ties group maxima, so the kept groups (which decide the constant picks) differ from float32's.
+    "weights_from_masked_scores_compute_dtype_bf16": (64, 8, 2, 6, False, full_options(
+        group_score_topk=1, masked_score=HIGH_MASKED_SCORE, weights_from_masked_scores=True,
+        compute_dtype=torch.bfloat16)),
+    "bf16_weights": (64, 8, 4, 6, True, full_options(weights_dtype=torch.bfloat16, ids_dtype=torch.int64)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(NAMED_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens_shape", [(1,), (7,), (3, 5)], ids=["T1", "T7", "3d"])
+def test_grad_matches_reference_for_each_option(device, name, dtype, tokens_shape):
+    num_experts, groups, topk_group, topk, with_bias, options = NAMED_CASES[name]
+    gen = torch.Generator().manual_seed(len(name))
+    logits = random_logits((*tokens_shape, num_experts), dtype, device, gen)
+    bias = random_bias(num_experts, torch.float32, device, gen) if with_bias else None
+    expected = check_op_grad(logits, bias, groups, topk_group, topk, options, seed=1)
+    assert expected.abs().max() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_picks_of_dropped_groups_are_constants(device):
+    """With weights_from_masked_scores, tokens mix picks of kept groups and constant masked-score picks."""
+    num_experts, groups, topk_group, topk, _, options = NAMED_CASES["weights_from_masked_scores"]
+    logits = random_logits((33, num_experts), torch.float32, device, torch.Generator().manual_seed(4))
+    _, ids = ops.moe_fused_gate(logits, None, groups, topk_group, topk, **options)
+    kept = gate_reference(logits.cpu(), None, groups, topk_group, topk, **routing_options(options)).kept
+    picks_kept = kept.gather(1, ids.cpu().long())
+    mixed = picks_kept.any(-1) & ~picks_kept.all(-1)
+    assert mixed.sum() >= 10, "the case must mix constant and differentiable picks in a token"
+    check_op_grad(logits, None, groups, topk_group, topk, options, seed=2)
+
+
+class WeightsOfFixedPicks(torch.autograd.Function):
+    """Float64 weights of fixed picks by ops.reference, differentiated by the op's backward formula."""
+
+    @staticmethod
+    def forward(ctx, logits, bias, num_expert_group, topk_group, topk, ids, options):
+        ctx.save_for_backward(logits, ids)
+        ctx.routing = (num_expert_group, topk_group, topk)
+        ctx.options = options
+        return reference_weights(logits, bias, num_expert_group, topk_group, topk, ids, options,
+                                 work_dtype=torch.float64)
+
+    @staticmethod
+    def backward(ctx, grad_weights):
+        logits, ids = ctx.saved_tensors
+        grad = gate_logits_grad(grad_weights, logits, ids, *ctx.routing, **routing_options(ctx.options))
+        return grad, None, None, None, None, None, None
+
+
+GRADCHECK_CASES = {
+    "sigmoid_groups_bias_renorm": (16, 4, 2, 3, True, full_options(routed_scaling_factor=2.5, renormalize_eps=1e-3)),
+    "sigmoid_no_renorm_rsf_on_output": (16, 1, 1, 4, True, full_options(
+        renormalize=False, routed_scaling_factor=2.5, apply_routed_scaling_factor_on_output=True)),
+    "softmax_groups_renorm": (16, 4, 2, 3, False, full_options(scoring_func="softmax", group_score_topk=1)),
+    "softmax_no_renorm": (12, 1, 1, 5, False, full_options(scoring_func="softmax", renormalize=False)),
+    "weights_from_masked_scores": (16, 4, 2, 6, False, full_options(
+        masked_score=HIGH_MASKED_SCORE, weights_from_masked_scores=True, routed_scaling_factor=2.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRADCHECK_CASES))
+def test_backward_formula_passes_gradcheck_in_float64(name):
+    """The kernels take no float64 logits (csrc/dispatch.h instantiates float, bfloat16 and half only),
+    so gradcheck cannot run on the op. Instead: (1) gradcheck, in float64, the backward formula the op
+    uses (gate_logits_grad) against finite differences of the reference's weights for the op's picks;
+    (2) the op's own backward on float32 logits agrees with float64 autograd through the reference to
+    float32 accuracy."""
+    num_experts, groups, topk_group, topk, with_bias, options = GRADCHECK_CASES[name]
+    gen = torch.Generator().manual_seed(5)
+    logits = random_logits((3, num_experts), torch.float32, "cpu", gen)
+    bias = random_bias(num_experts, torch.float32, "cpu", gen) if with_bias else None
+    _, ids = ops.moe_fused_gate(logits, bias, groups, topk_group, topk, **options)
+    logits64 = logits.double().requires_grad_()
+    torch.autograd.gradcheck(
+        lambda x: WeightsOfFixedPicks.apply(x, bias, groups, topk_group, topk, ids, options), (logits64,))
+    check_op_grad(logits, bias, groups, topk_group, topk, options, seed=3)
+
+
+OPCHECK_CASES = {
+    "fp32_bias_shared": ((5, 64), torch.float32, True, full_options(routed_scaling_factor=2.5,
+                                                                     num_fused_shared_experts=1)),
+    "bf16_3d_softmax_rsf_on_output": ((2, 3, 96), torch.bfloat16, False, full_options(
+        scoring_func="softmax", group_score_topk=1, routed_scaling_factor=2.5,
+        apply_routed_scaling_factor_on_output=True, num_fused_shared_experts=2)),
+    "fp32_masked_scores": ((7, 64), torch.float32, False, full_options(
+        masked_score=HIGH_MASKED_SCORE, weights_from_masked_scores=True, renormalize=False)),
+    "fp16_empty": ((0, 64), torch.float16, True, full_options(ids_dtype=torch.int64)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(OPCHECK_CASES))
+def test_opcheck_with_requires_grad(device, name):
+    """Schema, fake tensor, autograd registration and AOT dispatch, forward and backward (opcheck skips
+    the backward of an op without one, hence the first assert)."""
+    shape, dtype, with_bias, options = OPCHECK_CASES[name]
+    logits = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    bias = torch.randn(shape[-1], device=device) if with_bias else None
+    args = positional_args(logits, bias, 8, 4, 6, **options)
+    assert torch.ops.moe_fusion.moe_fused_gate.default(*args)[0].requires_grad
+    torch.library.opcheck(torch.ops.moe_fusion.moe_fused_gate.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_and_ids_get_no_gradient(device):
+    """The bias only changes the picks: bias.grad stays None (not zeros). The ids are not differentiable."""
+    gen = torch.Generator().manual_seed(6)
+    logits = random_logits((9, 64), torch.float32, device, gen).requires_grad_()
+    bias = random_bias(64, torch.float32, device, gen).requires_grad_()
+    weights, ids = ops.moe_fused_gate(logits, bias, 8, 4, 6, routed_scaling_factor=2.5, num_fused_shared_experts=1)
+    assert weights.requires_grad
+    assert not ids.requires_grad and ids.grad_fn is None
+    weights.sum().backward()
+    assert bias.grad is None
+    assert logits.grad is not None and logits.grad.abs().max() > 0
+    again, _ = ops.moe_fused_gate(logits, bias, 8, 4, 6)
+    assert torch.autograd.grad(again.sum(), bias, allow_unused=True) == (None,)
+
+
+COMPILE_CASES = {
+    "deepseek_v3_shared": (256, 8, 4, 8, True, full_options(
+        routed_scaling_factor=2.5, renormalize_eps=1e-20, num_fused_shared_experts=1)),
+    "softmax_masked_scores_rsf_on_output": (64, 8, 2, 6, False, full_options(
+        scoring_func="softmax", group_score_topk=1, masked_score=0.025,  # above most softmax scores of 64 experts
+        weights_from_masked_scores=True, routed_scaling_factor=16.0, apply_routed_scaling_factor_on_output=True)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(COMPILE_CASES))
+def test_compiled_backward_matches_eager(device, name):
+    torch._dynamo.reset()
+    num_experts, groups, topk_group, topk, with_bias, options = COMPILE_CASES[name]
+    gen = torch.Generator().manual_seed(7)
+    bias = random_bias(num_experts, torch.float32, device, gen) if with_bias else None
+
+    def loss_of(logits, upstream):
+        weights, _ = ops.moe_fused_gate(logits, bias, groups, topk_group, topk, **options)
+        return (weights * upstream).sum()
+
+    compiled = torch.compile(loss_of, backend="inductor", fullgraph=True, dynamic=True)
+    for shape in ((5, num_experts), (2, 17, num_experts)):
+        logits = random_logits(shape, torch.float32, device, gen)
+        upstream = torch.randn(*shape[:-1], topk + options["num_fused_shared_experts"], generator=gen).to(device)
+        grads = []
+        for run in (loss_of, compiled):
+            x = logits.clone().requires_grad_()
+            run(x, upstream).backward()
+            grads.append(x.grad)
+        assert grads[0].abs().max() > 0
+        torch.testing.assert_close(grads[1], grads[0])
