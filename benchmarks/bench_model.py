@@ -32,7 +32,8 @@ import time
 import torch
 from bench_gate import time_in_graph_us
 
-import fusion_passes
+import fusion_passes  # noqa: F401  (registers the "moe_fusion" backend)
+import ops
 from fusion_passes.hf_examples import hf_moe
 from fusion_passes.report import collector
 
@@ -76,6 +77,19 @@ def check_against_eager(model, compiled: dict, vocab: int) -> None:
         raise SystemExit("moe_fusion differs from eager more than the default compile does; not timing it")
 
 
+def print_routing_balance(block, config) -> None:
+    """How many experts the first MoE layer's router picks for random hidden states (the weights a
+    decode step reads grow with it)."""
+    gate = block.gate
+    for tokens in DECODE + PREFILL[:1]:
+        x = torch.randn(tokens, config.hidden_size, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        logits = torch.nn.functional.linear(x, gate.weight.float())
+        _, ids = ops.moe_fused_gate(logits, gate.e_score_correction_bias, config.n_group, config.topk_group,
+                                    config.num_experts_per_tok)
+        print(f"routing balance: T={tokens}: {ids.unique().numel()} of {config.n_routed_experts} experts picked "
+              f"(at most {min(tokens * config.num_experts_per_tok, config.n_routed_experts)})")
+
+
 def timing_row(label: str, tokens: int, fns: dict, inputs: list[torch.Tensor], replays: int) -> str:
     times = {}
     for name, fn in fns.items():
@@ -97,10 +111,12 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64  # two backends, size-1 specialisations
     started = time.perf_counter()
     log(f"building DeepseekV3 ({layers} MoE layers, per-GPU TP8 sizes) on the GPU ...")
-    model = hf_moe("deepseek_v3", "grouped_mm", device="cuda", num_hidden_layers=layers, **TP8)
+    # A small score-correction bias: routing close to balanced, as aux-loss-free balancing keeps it.
+    model = hf_moe("deepseek_v3", "grouped_mm", device="cuda", bias_std=0.01, num_hidden_layers=layers, **TP8)
     model = model.to(torch.bfloat16)
     vocab = model.config.vocab_size
     block = model.model.layers[0].mlp
+    print_routing_balance(block, model.config)
 
     rows = []
     for part, module in (("model", model), ("MoE block", block)):

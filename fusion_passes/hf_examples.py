@@ -29,14 +29,15 @@ def tiny_hf_moe(kind: str = "deepseek_v3", experts_implementation: str = "groupe
 
 
 def hf_moe(kind: str, experts_implementation: str = "grouped_mm", seed: int = 0, device: Any = "cpu",
-           **config: Any) -> torch.nn.Module:
+           bias_std: float = 0.3, **config: Any) -> torch.nn.Module:
     """A randomly initialised `kind` causal LM in eval mode, built on `device`, float32.
 
     `config` overrides the HF config's defaults (the real model's sizes). Router weights get a
     standard deviation of 4 / sqrt(hidden_size) (router logits of about 4 for unit-scale hidden
     states: spread scores; larger weights saturate the sigmoid and make every token pick the same
-    experts) and score-correction biases random values (the HF init leaves the bias at zero, which
-    would hide bias handling).
+    experts) and score-correction biases random values of standard deviation `bias_std` (the HF init
+    leaves the bias at zero, which would hide bias handling; a large bias sends most tokens to the
+    same experts).
     """
     import transformers
 
@@ -59,5 +60,5 @@ def hf_moe(kind: str, experts_implementation: str = "grouped_mm", seed: int = 0,
             module.weight.data = (torch.randn(module.weight.shape, generator=generator) * std).to(device)
             bias = getattr(module, "e_score_correction_bias", None)
             if bias is not None:
-                bias.copy_(torch.randn(bias.shape, generator=generator) * 0.3)
+                bias.copy_(torch.randn(bias.shape, generator=generator) * bias_std)
     return model
