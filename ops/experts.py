@@ -137,6 +137,8 @@ def fused_experts(
     between the two projections (as in the unfused model); float32 inputs are computed in full float32
     (no TF32). The result does not depend on run-to-run scheduling: no floating-point atomics.
 
+    Differentiable w.r.t. every float argument (ops/experts_autograd.py); topk_ids gets no gradient.
+
     Ids outside ``[0, E + S)`` raise ValueError on the CPU. On CUDA, checking them would need a host
     synchronisation, so such pairs are ignored (they contribute nothing) and nothing is written out of
     bounds. The CUDA path never synchronises with the host and can be captured in a CUDA graph.

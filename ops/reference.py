@@ -192,6 +192,47 @@ def deepseek_v3_routing(
     return topk_weights * routed_scaling_factor, topk_indices
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float32 and 16-bit inputs; float64 inputs (the tests' gradient checks) stay float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_expert_slots(w_gate: torch.Tensor, shared_gate: torch.Tensor | None) -> int:
+    """E + S: the routed experts of w_gate [E, I, H] and the shared slots of shared_gate [S*I, H]."""
+    num_experts, inter, _ = w_gate.shape
+    return num_experts + (0 if shared_gate is None else shared_gate.shape[0] // inter)
+
+
+def expert_slot_weights(
+    slot: int,
+    num_experts: int,
+    inter: int,
+    routed: tuple[torch.Tensor | None, ...],
+    shared: tuple[torch.Tensor | None, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """Views of one expert slot's gate [I, H], up [I, H] and down [H, I] weights.
+
+    `routed` is (w_gate [E, I, H], w_up [E, I, H], w_down [E, H, I]) and slot e < E reads expert e;
+    `shared` is (shared_gate [S*I, H], shared_up [S*I, H], shared_down [H, S*I]) and slot E + s reads
+    rows [s*I, (s+1)*I) of the first two and those columns of the third. A None weight gives None
+    (the backward passes gradient buffers in the same layout, None where no gradient is needed).
+    """
+    if slot < num_experts:
+        return tuple(None if w is None else w[slot] for w in routed)
+    start = (slot - num_experts) * inter
+    return tuple(None if w is None else w.narrow(dim, start, inter) for w, dim in zip(shared, (0, 0, 1), strict=True))
+
+
+def pair_weights(
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, shared_token_weight: torch.Tensor | None
+) -> torch.Tensor:
+    """The weight [T, K] of each (token, slot) pair: `topk_weights`, times the token's `shared_token_weight`
+    (when given) on shared slots (ids >= E). Linear in `topk_weights`."""
+    if shared_token_weight is None:
+        return topk_weights
+    return torch.where(topk_ids >= num_experts, topk_weights * shared_token_weight[:, None], topk_weights)
+
+
 def fused_experts_reference(
     hidden: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -204,26 +245,25 @@ def fused_experts_reference(
     shared_down: torch.Tensor | None = None,
     shared_token_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The contract of ``fused_experts`` as a plain loop over expert slots, all in float32.
+    """The contract of ``fused_experts`` as a plain loop over expert slots, in float32 (float64 for float64 inputs).
 
     Returns float32 (no rounding of the intermediate or of the output), so that tests measure the
-    kernels' rounding against exact-as-possible arithmetic. Ids outside ``[0, E + S)`` contribute
+    kernels' rounding against exact-as-possible arithmetic; float64 inputs are computed and returned
+    in float64 (the tests differentiate it with autograd). Ids outside ``[0, E + S)`` contribute
     nothing, as in the CUDA kernels (the CPU kernel rejects them).
     """
     num_experts, inter, _ = w_gate.shape
-    x = hidden.float()
+    dtype = accumulation_dtype(hidden.dtype)
+    x = hidden.to(dtype)
     ids = topk_ids.long()
-    weights = topk_weights.float()
-    slots = [(w_gate[e], w_up[e], w_down[e]) for e in range(num_experts)]
-    if shared_gate is not None:
-        slots += zip(shared_gate.split(inter, 0), shared_up.split(inter, 0), shared_down.split(inter, 1),
-                     strict=True)
-        if shared_token_weight is not None:
-            weights = torch.where(ids >= num_experts, weights * shared_token_weight.float()[:, None], weights)
+    token_weight = None if shared_token_weight is None else shared_token_weight.to(dtype)
+    weights = pair_weights(topk_weights.to(dtype), ids, num_experts, token_weight)
     out = torch.zeros_like(x)
-    for e, (gate, up, down) in enumerate(slots):
+    for e in range(num_expert_slots(w_gate, shared_gate)):
+        gate, up, down = expert_slot_weights(e, num_experts, inter, (w_gate, w_up, w_down),
+                                             (shared_gate, shared_up, shared_down))
         token, slot = (ids == e).nonzero(as_tuple=True)
         xe = x[token]
-        y = (torch.nn.functional.silu(xe @ gate.float().T) * (xe @ up.float().T)) @ down.float().T
+        y = (torch.nn.functional.silu(xe @ gate.to(dtype).T) * (xe @ up.to(dtype).T)) @ down.to(dtype).T
         out.index_add_(0, token, y * weights[token, slot, None])
     return out

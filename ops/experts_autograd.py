@@ -1,0 +1,190 @@
+"""Autograd for ``moe_fusion::fused_experts``: gradients w.r.t. hidden, topk_weights, the routed and
+shared expert weights and shared_token_weight; the ids are integers and get none.
+
+For a pair (token t, slot j) of expert slot e = ids[t, j] with pair weight p = topk_weights[t, j]
+(times shared_token_weight[t] when e >= E is a shared slot), the forward adds p * y to out[t]:
+
+    a = x_t G_e^T,   b = x_t U_e^T,   h = silu(a) * b,   y = h D_e^T.
+
+For the upstream gradient g_t of out[t], the backward is
+
+    dp  = <g_t, y>       d topk_weights[t, j] = dp (* shared_token_weight[t] on shared slots)
+                         d shared_token_weight[t] = sum over the shared slots j of dp * topk_weights[t, j]
+    dy  = p * g_t        dD_e += dy^T h
+    dh  = dy D_e
+    da  = dh * b * silu'(a),   silu'(a) = s * (1 + a * (1 - s)),   s = sigmoid(a)
+    db  = dh * silu(a)
+    dG_e += da^T x_t,   dU_e += db^T x_t,   dx_t += da G_e + db U_e
+
+A shared slot's G_e, U_e and D_e are rows (columns of D) [s*I, (s+1)*I) of the shared weights, so
+its gradients land there. Weights passed as views of one tensor (HF's ``gate_up_proj``) get one
+gradient per view, which autograd sums into that tensor. Pairs with ids outside [0, E + S) add
+nothing (the CPU forward rejects them, the CUDA forward ignores them) and get zero gradients.
+
+Only the inputs are saved: a, b, h and y are recomputed per expert, so training keeps no activation
+of the experts. Pairs are sorted by slot (stably: the summation order is fixed) and each active slot
+runs its matmuls through ATen on its gathered rows, in the inputs' dtype (float32 accumulation inside
+the matmul, as in the forward); the elementwise math, the pair weights and the sums over a token's K
+slots are float32, and h is rounded to the inputs' dtype as the forward rounds it. Per-pair rows are
+written to their own place (a [T*K, H] float32 buffer for the hidden states' gradient) and summed
+afterwards: no floating-point atomics, the same gradients on every run. Gradients come back in each
+input's dtype.
+
+The per-slot loop reads the slot sizes on the host: one synchronisation per backward, on CPU and CUDA
+tensors alike. A grouped-GEMM CUDA backward (no synchronisation, one launch per projection) is a later
+step. The loop runs inside an op of its own, ``moe_fusion::fused_experts_backward``, so that
+``torch.compile`` keeps it opaque instead of tracing data-dependent slot sizes. That op is not
+differentiable: a double backward (``create_graph=True``) raises ValueError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .reference import accumulation_dtype, expert_slot_weights, num_expert_slots, pair_weights
+
+# Positions of the op's differentiable inputs (all but topk_ids, 2) in its schema.
+_DIFFERENTIABLE = (0, 1, 3, 4, 5, 6, 7, 8, 9)
+
+
+def fused_experts_grads(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    shared_gate: torch.Tensor | None,
+    shared_up: torch.Tensor | None,
+    shared_down: torch.Tensor | None,
+    shared_token_weight: torch.Tensor | None,
+    needs_grad: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of ``fused_experts``' differentiable inputs (all but topk_ids, in schema order)
+    for the upstream gradient `grad_out` [T, H]; None where `needs_grad` (one flag per such input) is
+    False. See the module docstring for the formula. Float64 inputs are computed in float64."""
+    need_hidden, need_topk_weights, *need_weights, need_token_weight = needs_grad
+    tokens, hidden_size = hidden.shape
+    topk = topk_ids.shape[1]
+    num_experts, inter, _ = w_gate.shape
+    num_slots = num_expert_slots(w_gate, shared_gate)
+    dtype = hidden.dtype
+    work = accumulation_dtype(dtype)
+
+    ids = topk_ids.long()
+    token_weight = None if shared_token_weight is None else shared_token_weight.to(work)
+    pair_weight = pair_weights(topk_weights.to(work), ids, num_experts, token_weight).reshape(-1)
+
+    weights = (w_gate, w_up, w_down, shared_gate, shared_up, shared_down)
+    grad_weights = tuple(torch.zeros(w.shape, dtype=w.dtype, device=w.device) if needed else None
+                         for w, needed in zip(weights, need_weights, strict=True))
+    # Per-pair gradients of the pair weight and of the token's row, reduced over K after the loop.
+    grad_pair_weight = hidden.new_zeros(ids.numel(), dtype=work) if need_topk_weights or need_token_weight else None
+    grad_pair_hidden = hidden.new_zeros((ids.numel(), hidden_size), dtype=work) if need_hidden else None
+
+    # Out-of-range ids get the key num_slots: sorted last and left out of the loop.
+    flat_ids = ids.reshape(-1)
+    slot_keys = torch.where((flat_ids >= 0) & (flat_ids < num_slots), flat_ids, num_slots)
+    order = torch.argsort(slot_keys, stable=True)
+    sizes = torch.bincount(slot_keys, minlength=num_slots + 1).tolist()  # the one host synchronisation
+    for slot, pairs in enumerate(order.split(sizes)[:num_slots]):
+        if pairs.numel() == 0:
+            continue
+        gate, up, down = expert_slot_weights(slot, num_experts, inter, weights[:3], weights[3:])
+        grad_gate, grad_up, grad_down = expert_slot_weights(slot, num_experts, inter, grad_weights[:3],
+                                                            grad_weights[3:])
+        token = pairs.div(topk, rounding_mode="floor")
+        x = hidden.index_select(0, token)
+        a = (x @ gate.T).to(work)
+        b = (x @ up.T).to(work)
+        sigmoid_a = torch.sigmoid(a)
+        silu_a = a * sigmoid_a
+        h = (silu_a * b).to(dtype)  # rounded as in the forward
+        g = grad_out.index_select(0, token).to(work)
+        if grad_pair_weight is not None:
+            y = (h @ down.T).to(work)
+            grad_pair_weight[pairs] = (g * y).sum(1)
+        dy = (g * pair_weight[pairs, None]).to(dtype)
+        if grad_down is not None:
+            grad_down.copy_(dy.T @ h)
+        if need_hidden or grad_gate is not None or grad_up is not None:
+            dh = (dy @ down).to(work)
+            da = (dh * b * sigmoid_a * (1 + a * (1 - sigmoid_a))).to(dtype)
+            db = (dh * silu_a).to(dtype)
+            if grad_gate is not None:
+                grad_gate.copy_(da.T @ x)
+            if grad_up is not None:
+                grad_up.copy_(db.T @ x)
+            if grad_pair_hidden is not None:
+                grad_pair_hidden[pairs] = (da @ gate).to(work) + (db @ up).to(work)
+
+    grad_hidden = grad_topk_weights = grad_token_weight = None
+    if need_hidden:
+        grad_hidden = grad_pair_hidden.view(tokens, topk, hidden_size).sum(1).to(dtype)
+    if grad_pair_weight is not None:
+        grad_pair_weight = grad_pair_weight.view(tokens, topk)
+        if need_topk_weights:
+            # The pair weight is topk_weights times a factor that does not depend on it.
+            grad_topk_weights = pair_weights(grad_pair_weight, ids, num_experts, token_weight).to(topk_weights.dtype)
+        if need_token_weight:
+            shared_terms = torch.where(ids >= num_experts, grad_pair_weight * topk_weights.to(work), 0.0)
+            grad_token_weight = shared_terms.sum(1).to(shared_token_weight.dtype)
+    return (grad_hidden, grad_topk_weights, *grad_weights, grad_token_weight)
+
+
+@torch.library.custom_op("moe_fusion::fused_experts_backward", mutates_args=())
+def fused_experts_backward(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    shared_gate: torch.Tensor | None,
+    shared_up: torch.Tensor | None,
+    shared_down: torch.Tensor | None,
+    shared_token_weight: torch.Tensor | None,
+    needs_grad: Sequence[bool],
+) -> list[torch.Tensor]:
+    """``fused_experts_grads`` as an op: the gradients flagged by `needs_grad`, in schema order."""
+    grads = fused_experts_grads(grad_out, hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate,
+                                shared_up, shared_down, shared_token_weight, needs_grad)
+    return [grad for grad in grads if grad is not None]
+
+
+@fused_experts_backward.register_fake
+def _fused_experts_backward_fake(grad_out, hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate,
+                                 shared_up, shared_down, shared_token_weight, needs_grad):
+    inputs = (hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+              shared_token_weight)
+    return [inputs[i].new_empty(inputs[i].shape) for i, needed in zip(_DIFFERENTIABLE, needs_grad, strict=True)
+            if needed]
+
+
+def _no_double_backward(ctx, *grads):
+    raise ValueError("fused_experts: double backward (create_graph=True) is not supported")
+
+
+torch.library.register_autograd("moe_fusion::fused_experts_backward", _no_double_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # the inputs only: the backward recomputes the activations
+
+
+def _backward(ctx, grad_out):
+    needs_grad = [ctx.needs_input_grad[i] for i in _DIFFERENTIABLE]
+    grads = [None] * len(ctx.needs_input_grad)  # topk_ids and inputs that need none stay None
+    if any(needs_grad):
+        computed = iter(fused_experts_backward(grad_out, *ctx.saved_tensors, needs_grad))
+        for i, needed in zip(_DIFFERENTIABLE, needs_grad, strict=True):
+            if needed:
+                grads[i] = next(computed)
+    return tuple(grads)
+
+
+torch.library.register_autograd("moe_fusion::fused_experts", _backward, setup_context=_setup_context)

@@ -1,0 +1,278 @@
+"""Autograd of moe_fusion::fused_experts against float64 autograd through ops.reference.fused_experts_reference.
+
+The op's arguments are built from leaves as a model holds them: HF transformers' fused
+``gate_up_proj [E, 2I, H]`` (and a fused gate_up Linear for the shared MLP), sliced into the op's
+gate and up views, or separate gate and up tensors (torchtitan). Gradients are checked on the leaves,
+so for the fused layout autograd sums the op's gate and up gradients into gate_up through the slices.
+Errors are ||grad - expected|| / ||expected|| per leaf (see routing_term_sizes for the routing weights).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+from test_fused_experts import Case, make_case
+
+from ops import fused_experts
+from ops.experts_autograd import fused_experts_grads
+from ops.reference import fused_experts_reference
+
+# Measured at most 3e-7 (float32) and 6e-3 (bfloat16: the op rounds its intermediates to bfloat16, the
+# reference does not), with the routing weights' errors measured as routing_term_sizes says.
+GRAD_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+LAYOUTS = ("gate_up", "separate")
+# The op's differentiable inputs, in schema order: what fused_experts_grads returns.
+DIFFERENTIABLE = ("hidden", "topk_weights", "w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down",
+                  "shared_token_weight")
+
+
+def leaves_of(case: Case, layout: str) -> dict[str, torch.Tensor]:
+    """Copies of the case's tensors as leaves that require grad; "gate_up" fuses gate and up in one
+    tensor, as HF transformers holds them (routed [E, 2I, H], shared Linear [2*S*I, H])."""
+    tensors = {"hidden": case.hidden, "topk_weights": case.topk_weights}
+    if layout == "gate_up":
+        tensors["gate_up"] = torch.cat([case.w_gate, case.w_up], dim=1)
+        if case.shared_gate is not None:
+            tensors["shared_gate_up"] = torch.cat([case.shared_gate, case.shared_up], dim=0)
+    else:
+        tensors.update(w_gate=case.w_gate, w_up=case.w_up, shared_gate=case.shared_gate, shared_up=case.shared_up)
+    tensors.update(w_down=case.w_down, shared_down=case.shared_down, shared_token_weight=case.shared_token_weight)
+    return {name: t.detach().clone().requires_grad_() for name, t in tensors.items() if t is not None}
+
+
+def op_args(leaves: dict[str, torch.Tensor], topk_ids: torch.Tensor) -> tuple:
+    """fused_experts' arguments from the leaves: gate_up tensors are sliced as HF's experts slice them."""
+    inter = leaves["w_down"].shape[-1]
+    if "gate_up" in leaves:
+        w_gate, w_up = leaves["gate_up"][:, :inter], leaves["gate_up"][:, inter:]
+    else:
+        w_gate, w_up = leaves["w_gate"], leaves["w_up"]
+    if "shared_gate_up" in leaves:
+        rows = leaves["shared_gate_up"].shape[0] // 2
+        shared_gate, shared_up = leaves["shared_gate_up"][:rows], leaves["shared_gate_up"][rows:]
+    else:
+        shared_gate, shared_up = leaves.get("shared_gate"), leaves.get("shared_up")
+    return (leaves["hidden"], leaves["topk_weights"], topk_ids, w_gate, w_up, leaves["w_down"], shared_gate, shared_up,
+            leaves.get("shared_down"), leaves.get("shared_token_weight"))
+
+
+def random_upstream(shape, dtype, device, seed) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+
+
+def expected_grads(leaves, topk_ids, upstream) -> list[torch.Tensor]:
+    """Float64 autograd through the reference, for each leaf."""
+    leaves64 = {name: leaf.detach().double().requires_grad_() for name, leaf in leaves.items()}
+    out = fused_experts_reference(*op_args(leaves64, topk_ids))
+    return list(torch.autograd.grad(out, list(leaves64.values()), upstream.double()))
+
+
+@torch.no_grad()
+def routing_term_sizes(leaves, topk_ids, upstream) -> dict[str, torch.Tensor]:
+    """The routing weights' gradients are dot products <g_t, y_tj> over H (times the pair's other weight
+    factor) of rounded vectors, which may cancel: their error is measured against the size of the
+    products, ||g_t|| ||y_tj||, rather than against the result."""
+    hidden, topk_weights, _, *weights, token_weight = op_args(
+        {name: leaf.double() for name, leaf in leaves.items()}, topk_ids)
+    ones = torch.ones_like(topk_weights[:, :1])
+    pair_outputs = torch.stack([fused_experts_reference(hidden, ones, topk_ids[:, j:j + 1], *weights)
+                                for j in range(topk_ids.shape[1])], dim=1)  # y_tj, [T, K, H]
+    sizes = upstream.double().norm(dim=1, keepdim=True) * pair_outputs.norm(dim=2)
+    if token_weight is None:
+        return {"topk_weights": sizes}
+    shared = topk_ids >= leaves["w_down"].shape[0]
+    return {"topk_weights": torch.where(shared, sizes * token_weight[:, None].abs(), sizes),
+            "shared_token_weight": torch.where(shared, sizes * topk_weights.abs(), 0.0).sum(1)}
+
+
+def check_grads(case: Case, layout: str, seed: int = 0) -> None:
+    leaves = leaves_of(case, layout)
+    out = fused_experts(*op_args(leaves, case.topk_ids))
+    upstream = random_upstream(out.shape, out.dtype, out.device, seed)
+    grads = torch.autograd.grad(out, list(leaves.values()), upstream)
+    expected = expected_grads(leaves, case.topk_ids, upstream)
+    term_sizes = routing_term_sizes(leaves, case.topk_ids, upstream)
+    for (name, leaf), grad, want in zip(leaves.items(), grads, expected, strict=True):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape and grad.device == leaf.device, name
+        assert want.norm() > 0, f"{name}: the case must give it a gradient"
+        error = ((grad.double() - want).norm() / term_sizes.get(name, want).norm()).item()
+        assert error <= GRAD_TOLERANCE[case.hidden.dtype], f"{name}: relative error {error:.2e}"
+
+
+# (tokens, E, K, S, shared_token_weight, topk_weights' dtype: None for hidden's); K > E repeats ids in a row.
+GRAD_CASES = {
+    "T1_routed": (1, 8, 2, 0, False, torch.float32),
+    "T1_E64_K8_gated": (1, 64, 8, 1, True, torch.float32),
+    "T7_S2_gated": (7, 16, 4, 2, True, torch.float32),
+    "T13_E64_K8_S2": (13, 64, 8, 2, False, None),
+    "T33_repeated_ids_gated": (33, 5, 6, 1, True, None),
+    "T9_K1": (9, 4, 1, 0, False, torch.float32),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+def test_grads_match_float64_reference(device, dtype, layout, name):
+    tokens, num_experts, topk, num_shared, token_weight, weights_dtype = GRAD_CASES[name]
+    case = make_case(tokens, hidden_size=48, inter=24, num_experts=num_experts, topk=topk, num_shared=num_shared,
+                     dtype=dtype, device=device, layout="torchtitan", weights_dtype=weights_dtype,
+                     token_weight=token_weight, seed=len(name))
+    check_grads(case, layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("needed", [("hidden",), ("topk_weights",), ("w_down", "shared_gate"),
+                                    ("shared_token_weight", "w_up")])
+def test_only_the_needed_gradients(device, needed):
+    """Frozen inputs (requires_grad=False) get no gradient; the others get what they get when all are needed."""
+    case = make_case(tokens=11, num_experts=6, topk=3, num_shared=2, dtype=torch.bfloat16, device=device,
+                     layout="torchtitan", token_weight=True)
+    leaves = leaves_of(case, "separate")
+    upstream = random_upstream(case.hidden.shape, torch.bfloat16, device, seed=1)
+    fused_experts(*op_args(leaves, case.topk_ids)).backward(upstream)
+    all_grads = {name: leaf.grad for name, leaf in leaves.items()}
+    for name, leaf in leaves.items():
+        leaf.grad = None
+        leaf.requires_grad_(name in needed)
+    fused_experts(*op_args(leaves, case.topk_ids)).backward(upstream)
+    for name, leaf in leaves.items():
+        if name in needed:
+            assert torch.equal(leaf.grad, all_grads[name]), name
+        else:
+            assert leaf.grad is None, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_ids_add_nothing_and_get_zero_gradient(device):
+    """The CUDA forward ignores ids outside [0, E + S) (the CPU one rejects them); the backward,
+    which runs on both, leaves them out too."""
+    case = make_case(tokens=6, hidden_size=32, inter=16, num_experts=4, topk=3, num_shared=1, device=device,
+                     layout="torchtitan", ids_dtype=torch.int64, token_weight=True)
+    bad = case.topk_ids.clone()
+    bad[0, 0], bad[2, 1], bad[3, 3], bad[5, 2] = -1, 5, 2**33 + 1, 4  # 4 = E is the shared slot: valid
+    case = case.replace(topk_ids=bad)
+    leaves = leaves_of(case, "separate")
+    upstream = random_upstream(case.hidden.shape, torch.float32, device, seed=2)
+    grads = dict(zip(DIFFERENTIABLE, fused_experts_grads(upstream, *op_args(leaves, bad), [True] * 9), strict=True))
+    for name, want in zip(leaves, expected_grads(leaves, bad, upstream), strict=True):
+        torch.testing.assert_close(grads[name].double(), want, rtol=1e-5, atol=1e-6, msg=name)
+    out_of_range = (bad < 0) | (bad >= 5)
+    assert out_of_range.sum() == 3 and (grads["topk_weights"][out_of_range] == 0).all()
+
+
+class ReferenceWithOpBackward(torch.autograd.Function):
+    """fused_experts_reference in float64, differentiated by the op's backward formula (fused_experts_grads)."""
+
+    @staticmethod
+    def forward(ctx, hidden, topk_weights, topk_ids, *weights_and_token_weight):
+        ctx.save_for_backward(hidden, topk_weights, topk_ids, *weights_and_token_weight)
+        return fused_experts_reference(hidden, topk_weights, topk_ids, *weights_and_token_weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        needs_grad = [needed for i, needed in enumerate(ctx.needs_input_grad) if i != 2]  # 2: topk_ids
+        grad_hidden, grad_topk_weights, *others = fused_experts_grads(grad_out, *ctx.saved_tensors, needs_grad)
+        return grad_hidden, grad_topk_weights, None, *others
+
+
+# (tokens, E, K, S, shared_token_weight, out-of-range ids)
+GRADCHECK_CASES = {
+    "routed_repeated_ids": (3, 3, 4, 0, False, False),
+    "shared_gated_out_of_range": (4, 3, 3, 2, True, True),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", sorted(GRADCHECK_CASES))
+def test_backward_formula_passes_gradcheck_in_float64(layout, name):
+    """The CPU kernel takes no float64 (float32, bfloat16 and float16 only), so gradcheck runs on the
+    float64 reference differentiated by the op's backward function; test_grads_match_float64_reference
+    checks the op itself."""
+    tokens, num_experts, topk, num_shared, token_weight, out_of_range = GRADCHECK_CASES[name]
+    case = make_case(tokens, hidden_size=6, inter=4, num_experts=num_experts, topk=topk, num_shared=num_shared,
+                     layout="torchtitan", ids_dtype=torch.int64, token_weight=token_weight, seed=3)
+    ids = case.topk_ids.clone()
+    if out_of_range:
+        ids[0, 1], ids[2, 0] = -1, num_experts + num_shared
+    leaves = {name: leaf.detach().double().requires_grad_() for name, leaf in leaves_of(case, layout).items()}
+    names = list(leaves)
+    torch.autograd.gradcheck(
+        lambda *tensors: ReferenceWithOpBackward.apply(*op_args(dict(zip(names, tensors, strict=True)), ids)),
+        tuple(leaves.values()))
+
+
+OPCHECK_CASES = {
+    "routed_fp32": dict(num_shared=0),
+    "shared_gated_bf16": dict(num_shared=2, dtype=torch.bfloat16, weights_dtype=None, token_weight=True),
+    "shared_int64_no_tokens": dict(tokens=0, num_shared=1, ids_dtype=torch.int64, token_weight=True),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", sorted(OPCHECK_CASES))
+def test_opcheck_with_requires_grad(device, layout, name):
+    """Schema, fake tensor, autograd registration and AOT dispatch with dynamic shapes, forward and
+    backward (opcheck skips the backward of an op without one, hence the first assert)."""
+    case = make_case(**{"tokens": 5, **OPCHECK_CASES[name]}, hidden_size=32, inter=16, num_experts=4, device=device,
+                     layout="torchtitan")
+    args = op_args(leaves_of(case, layout), case.topk_ids)
+    assert torch.ops.moe_fusion.fused_experts.default(*args).requires_grad
+    torch.library.opcheck(torch.ops.moe_fusion.fused_experts.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_of_the_backward_op(device):
+    case = make_case(tokens=5, hidden_size=32, inter=16, num_experts=4, num_shared=1, dtype=torch.bfloat16,
+                     device=device, token_weight=True)
+    upstream = random_upstream(case.hidden.shape, torch.bfloat16, device, seed=4)
+    for needs_grad in ([True] * 9, [True, False, False, True, False, False, True, False, True]):
+        torch.library.opcheck(torch.ops.moe_fusion.fused_experts_backward.default,
+                              (upstream, *case.args(), needs_grad))
+
+
+def test_compiled_backward_matches_eager():
+    """Inductor on the CPU, dynamic token count: the backward op stays opaque in the compiled graph."""
+    torch._dynamo.reset()
+
+    def loss_of(leaves, topk_ids, upstream):
+        return (fused_experts(*op_args(leaves, topk_ids)).float() * upstream).sum()
+
+    compiled = torch.compile(loss_of, backend="inductor", fullgraph=True, dynamic=True)
+    for tokens in (5, 12):
+        case = make_case(tokens=tokens, num_experts=8, topk=3, num_shared=1, dtype=torch.bfloat16,
+                         layout="torchtitan", token_weight=True, seed=tokens)
+        upstream = random_upstream(case.hidden.shape, torch.float32, "cpu", seed=5)
+        grads = []
+        for run in (loss_of, compiled):
+            leaves = leaves_of(case, "gate_up")
+            run(leaves, case.topk_ids, upstream).backward()
+            grads.append({name: leaf.grad for name, leaf in leaves.items()})
+        for name, grad in grads[0].items():
+            assert grad.abs().max() > 0, name
+            torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_tokens_give_zero_gradients(device, layout):
+    case = make_case(tokens=0, hidden_size=32, inter=16, num_experts=4, num_shared=2, dtype=torch.bfloat16,
+                     device=device, layout="torchtitan", token_weight=True)
+    leaves = leaves_of(case, layout)
+    fused_experts(*op_args(leaves, case.topk_ids)).sum().backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and leaf.grad.shape == leaf.shape and leaf.grad.dtype == leaf.dtype, name
+        assert (leaf.grad == 0).all(), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_raises(device):
+    case = make_case(tokens=3, num_experts=4, num_shared=1, device=device)
+    leaves = leaves_of(case, "separate")
+    out = fused_experts(*op_args(leaves, case.topk_ids))
+    grads = torch.autograd.grad(out.square().sum(), list(leaves.values()), create_graph=True)
+    with pytest.raises(ValueError, match=r"^fused_experts: double backward \(create_graph=True\) is not supported"):
+        sum(g.square().sum() for g in grads).backward()
