@@ -4,19 +4,26 @@ It runs after the routing rewrite and starts from each fused gate's outputs (the
 ids and weights). Like the routing rewrite, it reads the post-grad graph forward and gives nodes a
 meaning ("the pairs sorted by expert", "x @ W_e^T for each sorted pair", "silu(gate) * up",
 "the down projection weighted by the routing weight, back in pair order", "the sum over the k picks")
-with one rule per ATen op that checks every argument. Three public implementations are covered:
+with one rule per ATen op that checks every argument. Four public implementations are covered:
 
 - transformers v5 ``grouped_mm``: sort the (token, pick) pairs by expert, gather the tokens' rows,
   ``histc`` + ``cumsum`` offsets, ``_grouped_mm`` (or transformers' CPU fallback op) for gate_up and
   down, weight, un-permute with the inverse permutation, sum over the picks;
 - transformers v5 ``batched_mm``: replicate each token's row per pick, gather the experts' weight
   matrices by id, ``bmm`` for gate_up and down, weight, sum over the picks;
-- torchtitan's grouped experts: ``histc`` of the ids, ``argsort`` by expert, the tokens' rows by
-  ``gather`` with the sorted token index expanded over the hidden size, ``_grouped_mm`` with separate
-  w1, w3, w2, weight, ``scatter_add`` at the tokens' rows onto zeros or onto the shared expert's
-  output (``base``): the rewrite then gives ``fused_experts(..) + base``, which the shared-expert
-  rewrite folds. torchtitan's ``score_before_experts=True`` weights the expert *inputs*; for
-  nonlinear experts that is another function, so it is refused with that reason.
+- torchtitan's grouped experts (torchtitan/models/moe/moe.py): ``histc`` of the ids, ``argsort`` by
+  expert, the tokens' rows by ``gather`` with the sorted token index expanded over the hidden size,
+  ``_grouped_mm`` with separate w1, w3, w2, weight, ``scatter_add`` at the tokens' rows onto zeros or
+  onto the shared expert's output (``base``): the rewrite then gives ``fused_experts(..) + base``,
+  which the shared-expert rewrite folds;
+- torchtitan main's (torchtitan/models/common/moe/moe.py): the same up to the experts, with the rows
+  taken as ``x[perm // k]``; the outputs are un-sorted into zeros (``out[perm] = rows``), viewed
+  ``[T, K, H]``, and weighted and summed over the picks by ``bmm(weights [T, 1, K], outputs [T, K, H]
+  in float32)`` (fused_experts accumulates in float32 too); the shared expert's output is added to
+  that (``shared + routed``), which the shared-expert rewrite folds.
+
+torchtitan's ``score_before_experts=True`` weights the expert *inputs*; for nonlinear experts that is
+another function, so it is refused with that reason.
 
 The transformers ones may guard against expert-parallel sentinels (ids >= E): clamps of the ids and rows masked where
 ``ids >= E``. The fused gate's ids are below E, so those clamps and masks change nothing and are read
@@ -117,6 +124,15 @@ class Perm:  # pair index of each sorted row
 @dataclass(frozen=True)
 class InversePerm:  # sorted row of each pair
     route: Route
+
+
+@dataclass(frozen=True)
+class RouteWeightsRow:
+    """The [T, K] weights viewed [T, 1, K]: bmm with per-pick outputs [T, K, H] weights and sums them
+    over each token's picks (torchtitan main's combine)."""
+
+    route: Route
+    source: Node
 
 
 @dataclass(frozen=True)
@@ -315,8 +331,10 @@ class ExpertsAnalysis:
         m, out, source = self.of(node.args[0]), fake(node), fake(node.args[0])
         if isinstance(m, (Ids, RouteWeights)) and not m.flat and out.dim() == 1:
             return replace(m, flat=True)
-        if isinstance(m, ExpertOut) and m.space == "pair" and m.weights is not None and not m.per_pick \
-                and out.dim() == 3 \
+        if isinstance(m, RouteWeights) and out.dim() == 3 and static_int(out.shape[1]) == 1 \
+                and static_int(out.shape[2]) == m.route.topk:
+            return RouteWeightsRow(m.route, m.source)  # a reshape keeps the pairs' token-major order
+        if isinstance(m, ExpertOut) and m.space == "pair" and not m.per_pick and not m.column and out.dim() == 3 \
                 and static_int(out.shape[1]) == m.inter.route.topk and same_size(out.shape[2], source.shape[-1]):
             return replace(m, per_pick=True)
         if isinstance(m, Routed) and same_size(out.shape[-1], source.shape[-1]):
@@ -342,7 +360,7 @@ class ExpertsAnalysis:
     def convert(self, node: Node):
         m, dtype = self.of(node.args[0]), node.args[1]
         source = fake(node.args[0]).dtype
-        if isinstance(m, (RouteWeights, SortedWeights)):
+        if isinstance(m, (RouteWeights, RouteWeightsRow, SortedWeights)):
             return m  # the weights in another dtype
         if isinstance(m, (Ids, SortedIds)) and dtype in (torch.float32, torch.int32):
             return m  # exact for expert ids (histc takes float on the CPU, int on CUDA)
@@ -351,8 +369,9 @@ class ExpertsAnalysis:
             return replace(m, upcast=True)
         if isinstance(m, Activated) and m.proj.upcast and dtype == fake(m.proj.weight).dtype:
             return Activated(replace(m.proj, upcast=False))
-        if isinstance(m, ExpertOut) and not m.per_pick and not m.column and dtype.is_floating_point:
-            return m  # outputs cast before they are weighted or accumulated
+        if isinstance(m, ExpertOut) and not m.column and dtype.is_floating_point \
+                and (not m.per_pick or dtype == torch.float32):
+            return m  # outputs cast before they are weighted or accumulated (per pick: only an exact upcast)
         if isinstance(m, Routed) and dtype == fake(m.out.inter.x).dtype:
             return m  # a sum computed in float32 (float32 routing weights) rounded to the hidden dtype
         return None
@@ -487,7 +506,7 @@ class ExpertsAnalysis:
             return None
         route = self.of(indices[0]).route
         m = self.of(values)
-        if isinstance(m, ExpertOut) and m.space == "sorted" and m.weights is not None and m.inter.route == route \
+        if isinstance(m, ExpertOut) and m.space == "sorted" and m.inter.route == route \
                 and fake(base).shape == fake(values).shape:
             return replace(m, space="pair")  # out[perm] = sorted rows: a permutation writes every row
         pairs = fake(base).shape[0]
@@ -517,6 +536,11 @@ class ExpertsAnalysis:
     def bmm(self, node: Node):
         left, right = node.args[:2]
         matrices, column = self.of(left), self.of(right)
+        if isinstance(matrices, RouteWeightsRow):  # [T, 1, K] @ [T, K, H]: the weighted sum over the picks
+            if isinstance(column, ExpertOut) and column.per_pick and column.weights is None \
+                    and column.inter.route == matrices.route:
+                return Routed(replace(column, weights=matrices.source))
+            return None
         if not isinstance(matrices, ExpertMatrices):
             return None
         route, weight = matrices.route, matrices.weight
@@ -540,12 +564,16 @@ class ExpertsAnalysis:
         dims = node.args[1] if len(node.args) > 1 else None
         if isinstance(m, (Proj, ExpertOut)) and m.column and dims in (-1, 2, [-1], [2]):
             return replace(m, column=False)
+        if isinstance(m, Routed) and same_size(fake(node).shape[-1], fake(node.args[0]).shape[-1]):
+            return m  # the [T, 1, H] of a bmm over the picks, squeezed: a token reshape
         return None
 
     def unsqueeze(self, node: Node):
         m = self.of(node.args[0])
         if isinstance(m, Inter) and m.space == "pair" and not m.column and node.args[1] in (-1, 2):
             return replace(m, column=True)
+        if isinstance(m, RouteWeights) and not m.flat:  # [T, K]: unsqueeze(1) is the row a bmm sums with
+            return RouteWeightsRow(m.route, m.source) if node.args[1] == 1 else None
         if isinstance(m, (SortedWeights, RouteWeights, NoPairs)) and node.args[1] in (-1, 1):
             return m  # [.., 1] for broadcasting against [.., H]
         return None
@@ -627,7 +655,7 @@ class ExpertsAnalysis:
     def sum(self, node: Node):
         m = self.of(node.args[0])
         dims = node.args[1] if len(node.args) > 1 else None
-        if isinstance(m, ExpertOut) and m.per_pick and dims in ([1], [-2]) \
+        if isinstance(m, ExpertOut) and m.per_pick and m.weights is not None and dims in ([1], [-2]) \
                 and not kwarg_or_arg(node, 2, "keepdim", False) and node.kwargs.get("dtype") is None:
             return Routed(m)
         return None

@@ -11,9 +11,10 @@ Because the rules compose, the many ways public code spells the routing (views o
 masked_fill in place or not, gather or topk values, eps or not, casts) are all covered by a few
 rules, and anything no rule explains gets no meaning: a look-alike is never rewritten.
 
-A rewrite replaces only the routing's *outputs* (the ids and the final weights) with the fused op's;
-intermediates that other code still uses (router logits, scores for an aux loss) keep being computed
-by their original nodes, and the rest is removed as dead code.
+A rewrite replaces only the routing's *outputs* (the ids and the final weights) with the fused op's,
+reshaped to the shape in which each leaves the routing; intermediates that other code still uses
+(router logits, scores for an aux loss) keep being computed by their original nodes, and the rest
+is removed as dead code.
 """
 
 from __future__ import annotations
@@ -728,7 +729,7 @@ def _constant_fill(node: Any):
 class _Plan:
     topk: ExpertTopk
     ids_nodes: list[Node]
-    weights_node: Node
+    weights_nodes: list[Node]
     weights: Weights
     sel: Sel
     params: dict[str, Any]
@@ -782,10 +783,9 @@ def _plan(analysis: RoutingAnalysis, topk: ExpertTopk) -> _Plan | str:
         return f"no routing weights computed by the contract leave the subgraph{detail}"
     if len({analysis.meaning[n] for n in weight_nodes}) > 1:
         return "the routing weights are used in more than one state (e.g. before and after scaling)"
-    weights_node = weight_nodes[0]
-    weights = analysis.meaning[weights_node]
+    weights = analysis.meaning[weight_nodes[0]]
     if not topk.sorted:
-        positional = _order_dependent_use([weights_node, *ids_nodes], topk.k)
+        positional = _order_dependent_use([*weight_nodes, *ids_nodes], topk.k)
         if positional is not None:
             return (f"the top-k is unsorted (sorted=False) and {positional.target} (node {positional.name}) reads "
                     f"its outputs by position: eager's order is unspecified and may differ from the fused op's "
@@ -834,7 +834,7 @@ def _plan(analysis: RoutingAnalysis, topk: ExpertTopk) -> _Plan | str:
         f"topk(k={topk.k}, sorted={topk.sorted})",
         " ".join(weights.how),
     ]))
-    return _Plan(topk, ids_nodes, weights_node, weights, sel, params, spelling)
+    return _Plan(topk, ids_nodes, weight_nodes, weights, sel, params, spelling)
 
 
 _POSITIONAL = {aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.split.Tensor,
@@ -894,18 +894,19 @@ def _emit(graph: Graph, plan: _Plan) -> None:
     sel, params = plan.sel, plan.params
     num_experts = sel.root.num_experts
     logits, bias = sel.root.logits, sel.bias
-    output_shape = fake(plan.weights_node).shape
-    for node in plan.ids_nodes:
-        if not same_shape(fake(node).shape, output_shape):
-            raise _Unsupported("the ids and the weights leave the routing in different shapes")
-    # A single token routed as 1-D rows (graphs specialised to T=1 drop the token dim): the gate gets
-    # [1, E], so that its outputs keep the [T, K] layout the experts rewrites read; views give back [K].
-    one_token = len(output_shape) == 1
-    target = (1, num_experts) if one_token else (*output_shape[:-1], num_experts)
-    sources = None if same_shape(fake(logits).shape, target) else _logits_sizes(target, logits)
+    # The gate routes [T, E] logits to [T, K] outputs, the layout the experts rewrites read. Each node
+    # that leaves the routing gets them reshaped to its own shape (its token layout: [K] in a graph
+    # specialised to one token, [B, L, K], [T, 1, K] for a bmm over the picks), so the weights and the
+    # ids may leave in different shapes. A reshape keeps the token-major order of the (token, pick) pairs.
+    flat_logits = fake(logits).dim() == 2
+    tokens = fake(logits).shape[0] if flat_logits else fake(logits).numel() // num_experts
+    readers = [(node, 0) for node in plan.weights_nodes] + [(node, 1) for node in plan.ids_nodes]
+    size_holders = [logits, *(n for n in graph.nodes if n.op == "placeholder")]
+    reader_sizes = {node: _reshape_sizes(fake(node).shape, size_holders) for node, _ in readers
+                    if not same_shape(fake(node).shape, (tokens, params["topk"]))}
     build = GraphBuilder(graph, logits)
     with graph.inserting_before(plan.topk.node.next):  # the inputs precede the final top-k
-        gate_input = logits if sources is None else build.reshape_like(logits, sources)
+        gate_input = logits if flat_logits else build.call(aten.reshape.default, (logits, [-1, num_experts]))
         gate_bias = bias
         if bias is not None and fake(bias).dim() != 1:
             gate_bias = build.call(aten.reshape.default, (bias, [num_experts]))
@@ -914,22 +915,20 @@ def _emit(graph: Graph, plan: _Plan) -> None:
             params["scoring_func"], params["group_score_topk"], params["masked_score"], params["renormalize"],
             params["renormalize_eps"], params["routed_scaling_factor"], 0, False,
             params["weights_from_masked_scores"], params["compute_dtype"], params["weights_dtype"], torch.int64))
-        weights = build.call(operator.getitem, (fused, 0))
-        ids = build.call(operator.getitem, (fused, 1))
-        if one_token:
-            weights, ids = (build.call(aten.reshape.default, (out, [params["topk"]])) for out in (weights, ids))
-    plan.weights_node.replace_all_uses_with(weights)
-    for node in plan.ids_nodes:
-        node.replace_all_uses_with(ids)
+        outputs = [build.call(operator.getitem, (fused, index)) for index in (0, 1)]
+        replacements = {node: build.reshape_like(outputs[index], reader_sizes[node]) if node in reader_sizes
+                        else outputs[index] for node, index in readers}
+    for node, replacement in replacements.items():
+        node.replace_all_uses_with(replacement)
 
 
-def _logits_sizes(target, logits: Node) -> list:
-    """Sizes to reshape the logits to the outputs' token layout (symbolic ones read from the logits,
-    or -1 for a single merged symbolic size)."""
-    sources = size_sources(target, [logits])
+def _reshape_sizes(shape, size_holders: list[Node]) -> list:
+    """Sizes to reshape a gate output to `shape`: symbolic ones read from the logits or the graph's
+    inputs (a [B, L, K] reader of routing on flattened tokens), or -1 for one merged symbolic size."""
+    sources = size_sources(shape, size_holders)
     if sources is not None:
         return sources
     try:
-        return shape_arg(target)
+        return shape_arg(shape)
     except ValueError as err:
-        raise _Unsupported(f"the routing outputs have a token layout the logits cannot be reshaped to ({err})")
+        raise _Unsupported(f"a routing output has a token layout the gate's outputs cannot be reshaped to ({err})")

@@ -1,13 +1,15 @@
 """Shared-expert rewrite: ``routed + shared_mlp(x)`` becomes one ``fused_experts`` call.
 
 It runs after the experts rewrite, on each ``fused_experts`` (without shared slots) whose output is
-added to a separate shared MLP ``down(silu(gate(x)) * up(x))`` of the same tokens, possibly gated per
-token by ``sigmoid(x @ w)`` (Qwen2-MoE). A shared MLP of intermediate size ``S*I`` is the sum of
-``S`` experts of the routed size ``I``, so the rewrite asks a copy of the fused gate for ``S`` extra
-columns (ids ``E..E+S-1``, weight 1) and passes the shared MLP's own Linear weights to
-``fused_experts`` as those slots: nothing is copied. Other readers of the gate's ids (torchtitan's
-load-balancing counts) read the copy's first ``k`` columns, the same picks, so one gate runs. A
-routed scaling applied to the routed output (``routed * rsf + shared``) moves into the gate's weights.
+added to a separate shared MLP ``down(silu(gate(x)) * up(x))`` of the same tokens, possibly gated
+per token by ``sigmoid(x @ w)`` (Qwen2-MoE). The add may be Inductor's
+``addmm(routed, h, W_down.T)``: the shared MLP's down projection folded into it (2-D tokens, as
+torchtitan main adds them). A shared MLP of intermediate size ``S*I`` is the sum of ``S`` experts of
+the routed size ``I``, so the rewrite asks a copy of the fused gate for ``S`` extra columns (ids
+``E..E+S-1``, weight 1) and passes the shared MLP's own Linear weights to ``fused_experts`` as those
+slots: nothing is copied. Other readers of the gate's ids (torchtitan's load-balancing counts) read
+the copy's first ``k`` columns, the same picks, so one gate runs. A routed scaling applied to the
+routed output (``routed * rsf + shared``) moves into the gate's weights.
 
 Anything else between the routed sum and the add (a norm, a projection, an average), a shared MLP
 that reads other tokens, another activation or biased Linears: the graph is left as it was and the
@@ -57,7 +59,11 @@ def _linear(node: Any) -> Linear | None:
     node = strip_views(node)
     if not (isinstance(node, Node) and node.target == aten.mm.default):
         return None
-    x, transposed = node.args[:2]
+    return _times_transposed(*node.args[:2])
+
+
+def _times_transposed(x: Any, transposed: Any) -> Linear | None:
+    """x @ W.T when `transposed` is permute(W, [1, 0])."""
     if not (isinstance(transposed, Node) and transposed.target == aten.permute.default
             and list(transposed.args[1]) == [1, 0]):
         return None
@@ -89,6 +95,11 @@ def _shared_mlp(node: Any) -> SharedMLP | str | None:
         if isinstance(stripped, Node) and stripped.target == aten.addmm.default:
             return "the shared MLP's Linear layers have biases, which fused_experts does not take"
         return None
+    return _mlp_below(down, token_gate)
+
+
+def _mlp_below(down: Linear, token_gate: Node | None) -> SharedMLP | str | None:
+    """The shared MLP whose down projection is `down`, a reason it cannot be fused, or None."""
     product = down.x
     if not (isinstance(product, Node) and product.target == aten.mul.Tensor):
         return None
@@ -143,7 +154,8 @@ def rewrite_shared_experts(graph: Graph, options: Any = None) -> tuple[list[Rewr
     if not experts_nodes:
         return rewrites, refusals
     for node in list(graph.nodes):
-        if node.target != aten.add.Tensor or node.kwargs.get("alpha", 1) != 1:
+        if node.target not in (aten.add.Tensor, aten.addmm.default) \
+                or node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1:
             continue
         plan = _plan(node, experts_nodes)
         if plan is None:
@@ -172,9 +184,7 @@ def _spelling(plan: _Plan) -> str:
 
 
 def _plan(add: Node, experts_nodes: set[Node]) -> _Plan | str | None:
-    a, b = add.args[:2]
-    for routed_arg, shared_arg in ((a, b), (b, a)):
-        shared = _shared_mlp(shared_arg)
+    for routed_arg, shared_arg, shared in _readings(add):
         if shared is None:
             continue
         routed = _routed_side(routed_arg, experts_nodes)
@@ -189,8 +199,21 @@ def _plan(add: Node, experts_nodes: set[Node]) -> _Plan | str | None:
     return None
 
 
+def _readings(add: Node) -> list[tuple[Node, Node | None, SharedMLP | str | None]]:
+    """The ways to read `add` as routed + shared: (routed side, shared side, its shared MLP). a + b
+    either way round, or addmm(routed, h, W.T): Inductor folds a 2-D add of a Linear's output into the
+    Linear (on the CPU always, on CUDA unless only pointwise ops read the sum); the shared output then
+    exists only inside the addmm."""
+    if add.target == aten.addmm.default:
+        routed, h, transposed = add.args[:3]
+        down = _times_transposed(h, transposed)
+        return [(routed, None, _mlp_below(down, None) if down is not None else None)]
+    a, b = add.args[:2]
+    return [(a, b, _shared_mlp(b)), (b, a, _shared_mlp(a))]
+
+
 def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, routed_arg: Node,
-           shared_arg: Node) -> _Plan | str:
+           shared_arg: Node | None) -> _Plan | str:
     hidden, w_gate = experts.args[0], experts.args[3]
     if strip_views(hidden) is not shared.x and shared.x is not hidden:
         return "the shared MLP does not read the tokens the routed experts read"
@@ -204,7 +227,8 @@ def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, rou
         return "the shared MLP's weights do not have the shapes [S*I, H], [S*I, H], [H, S*I]"
     if len({fake(w).dtype for w in (shared.gate, shared.up, shared.down)} | {x.dtype}) != 1:
         return "the shared MLP's weights and the hidden states have different dtypes"
-    if not _used_once(routed_arg, experts) or not _used_once(shared_arg, strip_views(shared_arg)):
+    shared_reused = shared_arg is not None and not _used_once(shared_arg, strip_views(shared_arg))
+    if not _used_once(routed_arg, experts) or shared_reused:
         return "the routed or the shared output is also used elsewhere; fusing would compute it twice"
     gate_node = _gate_of(experts)
     if gate_node is None:

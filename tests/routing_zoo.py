@@ -48,6 +48,7 @@ _VLLM = "vllm-project/vllm vllm/model_executor/layers/fused_moe/router/grouped_t
 _SGLANG = "sgl-project/sglang python/sglang/srt/layers/moe/topk.py"
 _MEGATRON = "NVIDIA/Megatron-LM megatron/core/transformer/moe/moe_utils.py"
 _TORCHTITAN = "pytorch/torchtitan torchtitan/models/common/moe.py (formerly torchtitan/models/moe/moe.py)"
+_TORCHTITAN_MAIN = "pytorch/torchtitan torchtitan/models/common/moe/moe.py (main)"
 
 
 @dataclass(frozen=True)
@@ -771,6 +772,54 @@ class TorchtitanRouter(_Router):
         return topk_scores_BLK, topk_expert_ids_BLK, scores_BLE
 
 
+class TorchtitanMainRouter(TorchtitanRouter):
+    """torchtitan main's TokenChoiceTopKRouter on (T, D) tokens. The gate runs in float32 (torchtitan:
+    an autocast region to float32, which CPU autocast does not take, so here float32 operands);
+    node-limited routing views the selection scores (-1, G, P), scatters False into a ones_like bool
+    mask along dim 1 and views the masked scores back (-1, E); the router also counts the tokens per
+    expert with histc (of float ids: the CPU kernel takes no integers). With ``bmm_weights`` the
+    weights are returned as MoE.forward's combine reads them, top_scores.reshape(-1, 1, K): they
+    then leave the routing as [T, 1, K] and the ids as [T, K]."""
+
+    fp32_router = True
+    linear_on_input_shape = False
+
+    def __init__(self, *, bmm_weights=False, **kw):
+        super().__init__(**kw)
+        self.bmm_weights = bmm_weights
+
+    def _get_node_limited_routing_scores(self, scores_for_choice):
+        experts_per_group = self.num_experts // self.num_expert_groups
+        scores_grouped = scores_for_choice.view(-1, self.num_expert_groups, experts_per_group)
+        top2_scores_in_group, _ = scores_grouped.topk(2, dim=-1)
+        group_scores = top2_scores_in_group.sum(dim=-1)
+        _, group_idx = torch.topk(group_scores, k=self.num_limited_groups, dim=-1, sorted=False)
+        group_mask = torch.ones_like(group_scores, dtype=torch.bool)
+        group_mask.scatter_(1, group_idx, False)  # False = kept group
+        return scores_grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).view(-1, self.num_experts)
+
+    def forward(self, x):
+        scores = F.linear(x.float(), self.weight.float())
+        if self.score_func == "sigmoid":
+            scores = torch.sigmoid(scores)
+        else:
+            scores = F.softmax(scores, dim=1)
+        expert_bias = self.e_score_correction_bias
+        scores_for_choice = scores if expert_bias is None else scores + expert_bias
+        if self.num_expert_groups is not None:
+            scores_for_choice = self._get_node_limited_routing_scores(scores_for_choice)
+        _, selected_experts_indices = torch.topk(scores_for_choice, k=self.top_k, dim=-1, sorted=False)
+        top_scores = scores.gather(dim=1, index=selected_experts_indices)
+        if self.route_norm:
+            top_scores = top_scores / (top_scores.sum(dim=-1, keepdim=True) + 1e-20)
+        top_scores = top_scores * self.route_scale
+        num_tokens_per_expert = torch.histc(selected_experts_indices.view(-1).float(), bins=self.num_experts,
+                                            min=0, max=self.num_experts)
+        if self.bmm_weights:
+            top_scores = top_scores.reshape(-1, 1, self.top_k)
+        return top_scores, selected_experts_indices, num_tokens_per_expert
+
+
 class MegatronRouter(_Router):
     """Megatron-Core TopKRouter: gating followed by topk_routing_with_score_function(...,
     dense_output=True) in the unfused path. Input is (seq, batch, hidden). group_limited_topk
@@ -1393,6 +1442,21 @@ CASES: list[RoutingCase] = [
           num_experts=64, top_k=6, num_expert_groups=None, num_limited_groups=None, score_func="sigmoid",
           route_norm=True, route_scale=1.0,
           expected=_expect(1, 1, 6, group_score_topk=1, renormalize_eps=1e-20)),
+    _case("torchtitan_main_router_bmm_weights",
+          _TORCHTITAN_MAIN + " TokenChoiceTopKRouter, DeepSeek-V3 config (sigmoid, expert bias, node-limited, "
+          "route_norm, route_scale=2.5) in a bf16 model; the weights leave as the combine's bmm reads them, "
+          "[T, 1, K], the ids as [T, K]",
+          TorchtitanMainRouter, shape=(9, H), dtype=torch.bfloat16, outputs=("weights", "ids", "counts"),
+          bias_dtype=torch.float32, num_experts=64, top_k=8, num_expert_groups=8, num_limited_groups=4,
+          score_func="sigmoid", route_norm=True, route_scale=2.5, bmm_weights=True,
+          expected=_expect(8, 4, 8, renormalize_eps=1e-20, routed_scaling_factor=2.5)),
+    _case("torchtitan_main_router_softmax",
+          _TORCHTITAN_MAIN + " TokenChoiceTopKRouter with its defaults but softmax and top_k=6 (no groups, no "
+          "expert bias, no route_norm)",
+          TorchtitanMainRouter, shape=(7, H), outputs=("weights", "ids", "counts"), num_experts=64, top_k=6,
+          num_expert_groups=None, num_limited_groups=None, score_func="softmax", route_norm=False,
+          route_scale=1.0,
+          expected=_expect(1, 1, 6, scoring_func="softmax", group_score_topk=1, renormalize=False, has_bias=False)),
     # ---- Megatron-Core -------------------------------------------------------------------------
     _case("megatron_group_limited_sigmoid_bias",
           _MEGATRON + " group_limited_topk + topk_routing_with_score_function (commit 00611e6e), sigmoid + "

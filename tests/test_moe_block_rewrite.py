@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from compile_checks import compile_with_report, fused_op_calls, internal_errors, normalized_ops
 from conftest import DEVICES
+from routing_zoo import TorchtitanMainRouter
 from torch import nn
 
 from fusion_passes.example_model import ExampleConfig, Router
@@ -112,11 +113,8 @@ class EarlyTransformersV5Block(HandWrittenBlock):
 def test_early_transformers_v5_experts_spellings(implementation, dtype):
     block = EarlyTransformersV5Block(implementation, dtype).eval()
     x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(3)).to(dtype)
-    compiled, outputs, report = compile_with_report(block, x)
-    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
-        [r.reason for r in report.refusals]
+    _, outputs, _ = _compile_to_one_gate_and_experts(block, x)
     with torch.no_grad():
-        assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
         _compare(outputs, block(x), dtype)
 
 
@@ -162,11 +160,8 @@ class SentinelGuardedBlock(HandWrittenBlock):
 def test_expert_parallel_sentinel_guards_are_identities_for_fused_gate_ids(implementation, dtype):
     block = SentinelGuardedBlock(implementation, bound=ExampleConfig().num_experts, dtype=dtype).eval()
     x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(4)).to(dtype)
-    compiled, outputs, report = compile_with_report(block, x)
-    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
-        [r.reason for r in report.refusals]
+    _, outputs, _ = _compile_to_one_gate_and_experts(block, x)
     with torch.no_grad():
-        assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
         _compare(outputs, block(x), dtype)
 
 
@@ -246,6 +241,13 @@ class TorchtitanStyleBlock(nn.Module):
         return out.scatter_add(dim=0, index=row_tokens, src=expert_rows).reshape(batch, seq, hidden)
 
 
+def _assert_load_counts_read_the_fused_gate(block, x):
+    """Two compiled runs so far: the router's load-balancing counts read the one fused gate's ids."""
+    ids = block.router(x.view(-1, x.shape[-1]))[1]
+    counts = torch.bincount(ids.view(-1), minlength=block.cfg.num_experts).float()
+    torch.testing.assert_close(block.tokens_per_expert, 2 * counts, rtol=0, atol=0)
+
+
 def _torchtitan_input(block: TorchtitanStyleBlock) -> torch.Tensor:
     return torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
 
@@ -253,17 +255,10 @@ def _torchtitan_input(block: TorchtitanStyleBlock) -> torch.Tensor:
 def test_torchtitan_routed_experts_and_shared_expert_become_one_fused_experts():
     block = TorchtitanStyleBlock(shared_experts=2).eval()
     x = _torchtitan_input(block)
-    compiled, outputs, report = compile_with_report(block, x)
-    assert not internal_errors(report)
-    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
-        [r.reason for r in report.refusals]
+    _, outputs, report = _compile_to_one_gate_and_experts(block, x)
     assert next(r for r in report.rewrites if r.pass_name == "shared_experts").params["shared_slots"] == 2
     with torch.no_grad():
-        assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
-        # The load-balancing counts (two compiled runs so far) now read the one gate's routed columns.
-        ids = block.router(x.view(-1, x.shape[-1]))[1]
-        counts = torch.bincount(ids.view(-1), minlength=block.cfg.num_experts).float()
-        torch.testing.assert_close(block.tokens_per_expert, 2 * counts, rtol=0, atol=0)
+        _assert_load_counts_read_the_fused_gate(block, x)
         _compare(outputs, block(x), torch.bfloat16)
 
 
@@ -309,6 +304,97 @@ def test_torchtitan_scores_before_experts_are_refused():
         _compare(outputs, block(x), torch.bfloat16)
 
 
+class TorchtitanMainStyleBlock(TorchtitanStyleBlock):
+    """The MoE layer as torchtitan main writes it (torchtitan/models/common/moe/moe.py), re-expressed:
+    its router (routing_zoo.TorchtitanMainRouter, DeepSeek-V3 config) whose counts feed a
+    load-balancing buffer; counts again and a stable argsort of the ids; the rows x[perm // k]; the
+    grouped_mm experts; the outputs un-sorted into zeros by the permutation and viewed [T, K, H]; the
+    combine bmm(weights [T, 1, K], outputs in float32) rounded to the hidden dtype; the shared
+    expert's output plus that. `combine`: "reshape" (torchtitan's [T, 1, K]), "unsqueeze" (the same
+    row spelled weights.unsqueeze(1)), or "unweighted_sum", a look-alike that sums the outputs
+    unweighted (as score_before_experts=True does after weighting the inputs) and returns each
+    token's largest weight next to the output (say, for logging). histc gets float ids, as above."""
+
+    def __init__(self, shared_experts: int = 1, score_before_experts: bool = False, combine: str = "reshape"):
+        super().__init__(shared_experts, score_before_experts)
+        cfg = self.cfg
+        self.router = TorchtitanMainRouter(
+            seed=0, dtype=torch.bfloat16, num_experts=cfg.num_experts, hidden_size=cfg.hidden_size,
+            bias_dtype=torch.float32, top_k=cfg.num_experts_per_tok, num_expert_groups=cfg.num_expert_group,
+            num_limited_groups=cfg.topk_group, score_func="sigmoid", route_norm=True,
+            route_scale=cfg.routed_scaling_factor)
+        self.combine = combine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        x = x.view(-1, hidden)
+        scores, ids, counts = self.router(x)
+        topk = ids.shape[1]
+        with torch.no_grad():
+            self.tokens_per_expert.add_(counts)
+        experts = self.cfg.num_experts
+        counts = torch.histc(ids.view(-1).float(), bins=experts, min=0, max=experts)
+        pair_order = torch.argsort(ids.view(-1), stable=True)
+        sorted_scores = scores.view(-1)[pair_order]
+        rows = x[pair_order // topk]
+        if self.score_before_experts:
+            rows = (rows.to(torch.float32) * sorted_scores.reshape(-1, 1)).to(x.dtype)
+        expert_rows = self.grouped_experts(rows, counts)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        per_pick = torch.zeros((batch * seq * topk, hidden), dtype=expert_rows.dtype, device=expert_rows.device)
+        per_pick[pair_order] = expert_rows
+        per_pick = per_pick.reshape(-1, topk, hidden)
+        if self.score_before_experts or self.combine == "unweighted_sum":
+            routed = per_pick.sum(dim=1)
+        else:
+            row = scores.unsqueeze(1) if self.combine == "unsqueeze" else scores.reshape(-1, 1, topk)
+            routed = torch.bmm(row, per_pick.float()).to(x.dtype).squeeze(1)
+        out = (routed if shared is None else shared + routed).reshape(batch, seq, hidden)
+        return (out, scores.amax(dim=-1)) if self.combine == "unweighted_sum" else out
+
+
+@pytest.mark.parametrize("shared_experts, combine", [(2, "reshape"), (0, "reshape"), (1, "unsqueeze")])
+def test_torchtitan_main_block_becomes_one_gate_and_one_fused_experts(shared_experts, combine):
+    block = TorchtitanMainStyleBlock(shared_experts, combine=combine).eval()
+    x = _torchtitan_input(block)
+    _, outputs, report = _compile_to_one_gate_and_experts(block, x, shared_rewrites=int(shared_experts > 0))
+    assert not report.refusals, [r.reason for r in report.refusals]
+    if shared_experts:
+        assert next(r for r in report.rewrites if r.pass_name == "shared_experts").params["shared_slots"] == \
+            shared_experts
+    with torch.no_grad():
+        _assert_load_counts_read_the_fused_gate(block, x)
+        _compare(outputs, block(x), torch.bfloat16)
+
+
+@pytest.mark.parametrize("score_before_experts, combine, reason", [
+    (True, "reshape", "score_before_experts=True"),
+    (False, "unweighted_sum", "were not recognized"),
+], ids=["scores_before_experts", "unweighted_sum"])
+def test_torchtitan_main_blocks_that_are_not_the_weighted_sum_are_left_alone(score_before_experts, combine, reason):
+    block = TorchtitanMainStyleBlock(score_before_experts=score_before_experts, combine=combine).eval()
+    x = _torchtitan_input(block)
+    compiled, outputs, report = compile_with_report(block, x)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 0, 0]
+    assert any(reason in r.reason for r in report.refusals if r.pass_name == "experts"), \
+        [r.reason for r in report.refusals]
+    with torch.no_grad():
+        assert fused_op_calls(compiled, x) == {GATE: 1}
+        _compare(outputs, block(x), torch.bfloat16)
+
+
+def _compile_to_one_gate_and_experts(block, x, shared_rewrites=1):
+    """Compiles `block` and asserts one routing and one experts rewrite (and `shared_rewrites`
+    shared-expert ones), no internal error, and one fused gate + one fused_experts call at run time."""
+    compiled, outputs, report = compile_with_report(block, x)
+    assert not internal_errors(report)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, shared_rewrites], \
+        [r.reason for r in report.refusals]
+    with torch.no_grad():
+        assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
+    return compiled, outputs, report
+
+
 def _compare(compiled_out, eager_out, dtype):
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     if isinstance(eager_out, tuple):
@@ -326,10 +412,7 @@ FUSED_VARIANTS = ["plain", "shared_first", "scaled_output", "gated_shared"]
 def test_routed_plus_shared_becomes_one_fused_experts(variant, dtype):
     block = HandWrittenBlock(variant, dtype).eval()
     x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
-    compiled, outputs, report = compile_with_report(block, x)
-    assert not internal_errors(report)
-    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
-        [r.reason for r in report.refusals]
+    _, outputs, report = _compile_to_one_gate_and_experts(block, x)
     rewrite = next(r for r in report.rewrites if r.pass_name == "shared_experts")
     assert rewrite.params["shared_slots"] == 64 // block.cfg.moe_intermediate_size
     assert rewrite.params["token_gate"] == (variant == "gated_shared")
@@ -337,7 +420,6 @@ def test_routed_plus_shared_becomes_one_fused_experts(variant, dtype):
     after = normalized_ops(report.graphs[-1].graph_after)
     assert "aten.mm" in after and after.count("aten.mm") == 1 + (variant == "gated_shared")  # router (+ shared gate)
     with torch.no_grad():
-        assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
         _compare(outputs, block(x), dtype)
 
 

@@ -107,6 +107,42 @@ def test_dynamic_token_count(name):
         assert not problems, problems[:3]
 
 
+class _RoutingReadInSeveralShapes(torch.nn.Module):
+    """The example router on flattened [B, L, H] tokens, its outputs read in several shapes at once:
+    the weights as [T, K] and [B, L, K], the ids as [B, L, 1, K]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.router = Router(ExampleConfig())
+
+    def forward(self, hidden):
+        batch, length, size = hidden.shape
+        weights, ids = self.router(hidden.reshape(-1, size))
+        return weights, weights.view(batch, length, -1), ids.view(batch, length, 1, -1)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic_batch_and_length"])
+def test_outputs_leaving_in_different_shapes_are_all_read_from_one_gate(dynamic):
+    module = _RoutingReadInSeveralShapes()
+    hidden = torch.randn(2, 5, ExampleConfig().hidden_size, generator=torch.Generator().manual_seed(2))
+    if dynamic:  # the [B, L, K] readers then take B and L from the graph's input
+        torch._dynamo.mark_dynamic(hidden, 0)
+        torch._dynamo.mark_dynamic(hidden, 1)
+    compiled, _, report = compile_with_report(module, hidden)
+    assert report.count("routing") == 1, [r.reason for r in report.refusals]
+    assert "aten.topk" not in normalized_ops(report.graphs[-1].graph_after)  # no reader is left on the old routing
+    if dynamic:  # another batch and length, served by the same graph
+        hidden = torch.randn(3, 4, ExampleConfig().hidden_size, generator=torch.Generator().manual_seed(3))
+    with no_compile_caches(), torch.no_grad():
+        assert fused_op_calls(compiled, hidden) == {GATE: 1}
+        weights, weights_by_position, ids = compiled(hidden)
+        eager = module(hidden)
+    assert [o.shape for o in (weights, weights_by_position, ids)] == [o.shape for o in eager]
+    assert torch.equal(weights_by_position.reshape(weights.shape), weights)
+    assert_same_routing((weights, ids.reshape(weights.shape)), (eager[0], eager[2].reshape(eager[0].shape)))
+
+
 def _example_router():
     torch.manual_seed(0)
     return Router(ExampleConfig()), torch.randn(9, ExampleConfig().hidden_size)
