@@ -9,7 +9,9 @@ the routed size ``I``, so the rewrite asks a copy of the fused gate for ``S`` ex
 ``E..E+S-1``, weight 1) and passes the shared MLP's own Linear weights to ``fused_experts`` as those
 slots: nothing is copied. Other readers of the gate's ids (torchtitan's load-balancing counts) read
 the copy's first ``k`` columns, the same picks, so one gate runs. A routed scaling applied to the
-routed output (``routed * rsf + shared``) moves into the gate's weights.
+routed output (``routed * rsf + shared``) moves into the gate's weights; a run-time scalar on the
+gate's weights (a float that ``torch.compile(dynamic=True)`` made a graph input) keeps scaling the
+routed columns only.
 
 Anything else between the routed sum and the add (a norm, a projection, an average), a shared MLP
 that reads other tokens, another activation or biased Linears: the graph is left as it was and the
@@ -230,11 +232,11 @@ def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, rou
     shared_reused = shared_arg is not None and not _used_once(shared_arg, strip_views(shared_arg))
     if not _used_once(routed_arg, experts) or shared_reused:
         return "the routed or the shared output is also used elsewhere; fusing would compute it twice"
-    gate_node = _gate_of(experts)
-    if gate_node is None:
-        return ("the routed experts' weights are not the fused gate's own (they are rescaled after the gate, "
-                "e.g. by a float that torch.compile(dynamic=True) made a run-time value), so shared columns "
-                "cannot be added to them")
+    reading = _gate_of(experts)
+    if reading is None:
+        return ("the routed experts' weights are neither the fused gate's own nor the gate's times a run-time "
+                "scalar, so shared columns cannot be added to them")
+    gate_node = reading.gate
     if gate_node.args[12]:
         return "the fused gate leaves the routed scaling to its caller"
     if scale is not None and gate_node.args[_SCALE_ARG] != 1.0:
@@ -259,20 +261,36 @@ def _used_once(node: Node, origin: Node) -> bool:
         node = next(a for a in node.all_input_nodes if isinstance(fake(a), torch.Tensor) and fake(a).dim() > 0)
 
 
-def _gate_of(experts: Node) -> Node | None:
-    """The fused gate whose (weights, ids) outputs the fused_experts node reads."""
+@dataclass
+class _GateReading:
+    gate: Node  # the fused gate whose (weights, ids) the fused_experts node reads
+    factor: Node | None  # a run-time scalar the weights are multiplied by after the gate
+
+
+def _gate_of(experts: Node) -> _GateReading | None:
+    """How the fused_experts node reads a fused gate: its outputs, the weights maybe times a run-time
+    scalar (a float that torch.compile(dynamic=True) turned into a graph input, e.g. the routed
+    scaling factor)."""
     weights, ids = experts.args[1:3]
+    factor = None
+    if isinstance(weights, Node) and weights.target == aten.mul.Tensor:
+        for own, other in (weights.args[:2], weights.args[1::-1]):
+            if isinstance(own, Node) and own.target is operator.getitem and isinstance(other, Node) \
+                    and fake(other) is not None and fake(other).numel() == 1:
+                weights, factor = own, other
+                break
     if not all(isinstance(n, Node) and n.target is operator.getitem for n in (weights, ids)):
         return None
     gate = ids.args[0]
     if gate.target != GATE_OP or weights.args[0] is not gate or (weights.args[1], ids.args[1]) != (0, 1):
         return None
-    return gate
+    return _GateReading(gate, factor)
 
 
 def _emit(graph: Graph, plan: _Plan) -> None:
     experts, shared = plan.experts, plan.shared
-    old_gate = _gate_of(experts)
+    reading = _gate_of(experts)
+    old_gate, topk = reading.gate, reading.gate.args[4]
     build = GraphBuilder(graph, experts.args[0])
     gate_args = list(old_gate.args)
     gate_args[_SHARED_ARG] = plan.slots
@@ -282,12 +300,16 @@ def _emit(graph: Graph, plan: _Plan) -> None:
         gate = build.call(GATE_OP, tuple(gate_args))
         weights = build.call(operator.getitem, (gate, 0))
         ids = build.call(operator.getitem, (gate, 1))
-        routed_ids = build.call(aten.slice.Tensor, (ids, -1, 0, old_gate.args[4]))
+        routed_ids = build.call(aten.slice.Tensor, (ids, -1, 0, topk))
     # The first k columns are the same picks: other readers of the ids (e.g. torchtitan's
     # load-balancing counts) read them, so that one gate runs.
     for old_ids in [n for n in old_gate.users if n.args[1] == 1]:
         old_ids.replace_all_uses_with(routed_ids)
     with graph.inserting_before(plan.add):
+        if reading.factor is not None:  # the run-time scalar scales the routed columns only
+            routed = build.call(aten.mul.Tensor, (build.call(aten.slice.Tensor, (weights, -1, 0, topk)), reading.factor))
+            shared_columns = build.call(aten.slice.Tensor, (weights, -1, topk, topk + plan.slots))
+            weights = build.call(aten.cat.default, ([routed, shared_columns], -1))
         token_weight = None
         if shared.token_gate is not None:
             token_weight = build.call(aten.reshape.default, (shared.token_gate, [-1]))

@@ -560,14 +560,17 @@ def test_dynamic_token_count():
             _compare(compiled(x), block(x), torch.float32)
 
 
-def test_dynamic_floats_keep_the_experts_rewrite_and_refuse_the_shared_one():
-    # dynamic=True turns the routed scaling factor into a run-time value multiplying the gate's weights.
-    block = HandWrittenBlock().eval()
+@pytest.mark.parametrize("variant", ["plain", "gated_shared"])
+def test_dynamic_floats_scale_the_routed_columns_only(variant):
+    # dynamic=True turns the routed scaling factor into a run-time value multiplying the gate's
+    # weights: the shared columns the rewrite adds must stay unscaled.
+    block = HandWrittenBlock(variant).eval()
     x = torch.randn(2, 5, block.cfg.hidden_size)
     compiled, outputs, report = compile_with_report(block, x, dynamic=True)
-    assert report.count("experts") == 1 and report.count("shared_experts") == 0
-    assert any("rescaled after the gate" in r.reason for r in report.refusals)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
+        [r.reason for r in report.refusals]
     with torch.no_grad():
+        assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
         _compare(outputs, block(x), torch.float32)
         x = torch.randn(3, 4, block.cfg.hidden_size)
         _compare(compiled(x), block(x), torch.float32)
