@@ -25,9 +25,9 @@ with one rule per ATen op that checks every argument. Four public implementation
 torchtitan's ``score_before_experts=True`` weights the expert *inputs*; for nonlinear experts that is
 another function, so it is refused with that reason.
 
-The transformers ones may guard against expert-parallel sentinels (ids >= E): clamps of the ids and rows masked where
-``ids >= E``. The fused gate's ids are below E, so those clamps and masks change nothing and are read
-as identities.
+The transformers ones may guard against expert-parallel sentinels (ids >= E): clamps of the ids
+and rows masked where ``ids >= E``. The fused gate's ids are below E, so those clamps and masks
+change nothing and are read as identities.
 
 The rewrite replaces the sum with ``fused_experts`` on the model's own weight tensors (views, no
 copies); intermediates other code still uses keep being computed.
