@@ -163,10 +163,10 @@ class GraphBuilder:
         self.graph = graph
         self.fake_mode = detect_fake_mode([fake(example)])
 
-    def call(self, target: Any, args: tuple) -> Node:
-        node = self.graph.call_function(target, args)
+    def call(self, target: Any, args: tuple, kwargs: dict | None = None) -> Node:
+        node = self.graph.call_function(target, args, kwargs)
         with self.fake_mode:
-            node.meta["val"] = target(*_values(args))
+            node.meta["val"] = target(*_values(args), **(kwargs or {}))
         return node
 
     def reshape_like(self, tensor: Node, shape_sources: list) -> Node:

@@ -1,5 +1,6 @@
 """The torch.compile backend ("moe_fusion") and the Inductor post-grad pass that runs the rewrites.
 
+Graphs that need gradients are rewritten before autograd instead (pre_autograd.py) when they can be.
 Inductor takes one post-grad custom pass (torch 2.11 / 2.12), so ``FusionPass`` runs the enabled
 rewrites in order and then any pass that was already configured. Its ``uuid()`` hashes the pass
 sources and the enabled rewrites: Inductor's FX graph cache keys on it, so a cached graph is reused
@@ -20,6 +21,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from .report import GraphReport, Refusal, collector, logger, op_counts
 from .experts import rewrite_experts
+from .pre_autograd import needs_gradients, rewrite_before_autograd
 from .routing import rewrite_routing
 from .shared_experts import rewrite_shared_experts
 
@@ -57,6 +59,22 @@ def enabled_rewrites(names: Sequence[str] | None = None) -> tuple[str, ...]:
     return tuple(n for n in REWRITES if n in names)
 
 
+def run_rewrites(graph: torch.fx.Graph, names: Sequence[str], options: FusionOptions) -> GraphReport:
+    """Runs the rewrites `names` in order on `graph`; the report of what they did."""
+    report = GraphReport(collector.next_index(), graph_before=str(graph), ops_before=op_counts(graph))
+    for name in names:
+        try:
+            rewrites, refusals = REWRITES[name](graph, options)
+        except Exception as err:  # a bug in a rewrite must not break the user's compile
+            logger.warning("moe_fusion: the %s rewrite failed and was skipped: %r", name, err)
+            rewrites, refusals = [], [Refusal(name, "graph", f"internal error: {type(err).__name__}: {err}")]
+        report.rewrites += rewrites
+        report.refusals += refusals
+    report.graph_after = str(graph)
+    report.ops_after = op_counts(graph)
+    return report
+
+
 class FusionPass(CustomGraphPass):
     """Runs the enabled rewrites on a post-grad graph, then `chained` (a pass configured before)."""
 
@@ -67,19 +85,9 @@ class FusionPass(CustomGraphPass):
         self.options = options
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        report = GraphReport(collector.next_index(), graph_before=str(graph), ops_before=op_counts(graph))
-        for name in self.rewrites:
-            try:
-                rewrites, refusals = REWRITES[name](graph, self.options)
-            except Exception as err:  # a bug in a rewrite must not break the user's compile
-                logger.warning("moe_fusion: the %s rewrite failed and was skipped: %r", name, err)
-                rewrites, refusals = [], [Refusal(name, "graph", f"internal error: {type(err).__name__}: {err}")]
-            report.rewrites += rewrites
-            report.refusals += refusals
+        report = run_rewrites(graph, self.rewrites, self.options)
         if self.chained is not None:
             self.chained(graph)
-        report.graph_after = str(graph)
-        report.ops_after = op_counts(graph)
         collector.add(report)
 
     def uuid(self) -> Any:
@@ -116,6 +124,12 @@ def make_backend(rewrites: Sequence[str] | None = None, *, fuse_experts_on_cpu: 
 
         patches = _mode_and_option_patches(mode, options)
         configured = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
+        if needs_gradients(example_inputs):  # a training graph: rewrite before autograd (pre_autograd.py)
+            before = rewrite_before_autograd(gm, example_inputs, lambda graph: run_rewrites(graph, names, fusion_options))
+            collector.add(before.report)
+            if not before.after_autograd:
+                patches["post_grad_custom_post_pass"] = configured
+                return compile_fx(before.module or gm, example_inputs, config_patches=patches)
         patches["post_grad_custom_post_pass"] = FusionPass(names, chained=configured, options=fusion_options)
         return compile_fx(gm, example_inputs, config_patches=patches)
 

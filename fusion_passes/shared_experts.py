@@ -300,7 +300,8 @@ def _emit(graph: Graph, plan: _Plan) -> None:
         gate = build.call(GATE_OP, tuple(gate_args))
         weights = build.call(operator.getitem, (gate, 0))
         ids = build.call(operator.getitem, (gate, 1))
-        routed_ids = build.call(aten.slice.Tensor, (ids, -1, 0, topk))
+        # Contiguous, as the old ids were: readers may view them (before autograd, views are checked).
+        routed_ids = build.call(aten.clone.default, (build.call(aten.slice.Tensor, (ids, -1, 0, topk)),))
     # The first k columns are the same picks: other readers of the ids (e.g. torchtitan's
     # load-balancing counts) read them, so that one gate runs.
     for old_ids in [n for n in old_gate.users if n.args[1] == 1]:

@@ -1,19 +1,18 @@
-"""A training step compiled with the moe_fusion backend gives eager's loss and gradients.
-
-Today the rewrites run on Inductor's post-grad graphs, which in a training compile are the forward
-and backward graphs after partitioning: the routing intermediates are saved for the backward there,
-so the routing rewrite refuses (its reason is in the report) and the step runs unfused. These tests
-keep that path correct until the rewrites move before autograd.
-"""
+"""Training compiles with the moe_fusion backend: the rewrites run before autograd
+(fusion_passes/pre_autograd.py), the fused ops and their backwards run in the step, and the loss and
+gradients are eager's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from compile_checks import internal_errors
+from compile_checks import fused_op_calls, internal_errors, no_compile_caches
 
 import fusion_passes
 from fusion_passes.report import collector
+
+GATE, EXPERTS = "moe_fusion::moe_fused_gate", "moe_fusion::fused_experts"
+EXPERTS_BACKWARD = "moe_fusion::fused_experts_backward"
 
 
 def _loss_and_grads(model, tokens):
@@ -25,25 +24,54 @@ def _loss_and_grads(model, tokens):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
-def test_training_step_matches_eager(experts_implementation):
+def _compile(model):
+    torch._dynamo.reset()
+    collector.take()
+    return torch.compile(model, backend=fusion_passes.make_backend(fuse_experts_on_cpu=True))
+
+
+@pytest.mark.parametrize("kind, experts_implementation", [
+    ("deepseek_v3", "grouped_mm"), ("deepseek_v3", "batched_mm"), ("deepseek_v2", "grouped_mm"),
+])
+def test_training_step_runs_the_fused_ops_and_matches_eager(kind, experts_implementation):
     pytest.importorskip("transformers")
     from fusion_passes.hf_examples import tiny_hf_moe
 
-    model = tiny_hf_moe("deepseek_v3", experts_implementation).train()
+    model = tiny_hf_moe(kind, experts_implementation).train()
+    layers = model.config.num_hidden_layers
     tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     eager_loss, eager_grads = _loss_and_grads(model, tokens)
 
-    torch._dynamo.reset()
-    collector.take()
-    compiled = torch.compile(model, backend=fusion_passes.make_backend(fuse_experts_on_cpu=True))
-    with torch._inductor.config.patch(fx_graph_cache=False):
+    compiled = _compile(model)
+    with no_compile_caches():
         loss, grads = _loss_and_grads(compiled, tokens)
-    report = collector.take()
+        report = collector.take()
+        calls = fused_op_calls(_loss_and_grads, compiled, tokens)
 
-    assert not internal_errors(report)
-    assert report.count("routing") == 0 and report.refusals, "the routing rewrite now fires in training graphs"
+    assert not internal_errors(report) and not report.refusals, [r.reason for r in report.refusals]
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [layers] * 3
+    # Forward: one gate and one fused_experts per layer; backward: fused_experts' own backward op.
+    assert calls == {GATE: layers, EXPERTS: layers, EXPERTS_BACKWARD: layers}
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == eager_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dynamic_training_graphs_keep_the_post_grad_path_and_say_why():
+    pytest.importorskip("transformers")
+    from fusion_passes.hf_examples import tiny_hf_moe
+
+    model = tiny_hf_moe("deepseek_v3").train()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    eager_loss, eager_grads = _loss_and_grads(model, tokens)
+    torch._dynamo.mark_dynamic(tokens, 1)
+    compiled = _compile(model)
+    with no_compile_caches():
+        loss, grads = _loss_and_grads(compiled, tokens)
+    report = collector.take()
+    assert any(r.pass_name == "before_autograd" and "dynamic shapes" in r.reason for r in report.refusals)
+    assert report.count("experts") == 0
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
