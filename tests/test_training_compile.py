@@ -106,3 +106,19 @@ def test_hand_written_block_gradients_reach_inputs_and_every_weight(variant):
     assert grads.keys() == eager_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_graphs_export_cannot_trace_keep_the_post_grad_path(monkeypatch):
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("no export for this graph")
+
+    monkeypatch.setattr(torch.export, "export", failing_export)
+    block = HandWrittenBlock().train()
+    x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(7))
+    eager = block(x).square().mean()
+    compiled = _compile(block)
+    with no_compile_caches():
+        loss = compiled(x).square().mean()
+    report = collector.take()
+    assert any(r.pass_name == "before_autograd" and "no export for this graph" in r.reason for r in report.refusals)
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-7)
