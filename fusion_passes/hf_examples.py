@@ -10,7 +10,7 @@ import torch
 
 KINDS = ("deepseek_v3", "glm4_moe", "deepseek_v2")
 
-_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+TINY_SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, first_k_dense_replace=0,
                n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
 _MLA = dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
@@ -25,7 +25,7 @@ _PER_KIND = {
 def tiny_hf_moe(kind: str = "deepseek_v3", experts_implementation: str = "grouped_mm", seed: int = 0,
                 **overrides: Any) -> torch.nn.Module:
     """A randomly initialised tiny `kind` causal LM in eval mode (on the CPU, float32); see hf_moe."""
-    return hf_moe(kind, experts_implementation, seed, **{**_COMMON, **overrides})
+    return hf_moe(kind, experts_implementation, seed, **{**TINY_SIZES, **overrides})
 
 
 def hf_moe(kind: str, experts_implementation: str = "grouped_mm", seed: int = 0, device: Any = "cpu",

@@ -42,6 +42,8 @@ class BeforeAutograd:
 
 def rewrite_before_autograd(gm: GraphModule, example_inputs: list[Any],
                             run_rewrites: Callable[[Graph], GraphReport]) -> BeforeAutograd:
+    """Exports `gm` to functional ATen, runs `run_rewrites` on it and, if anything was rewritten,
+    returns the rewritten graph as a module taking and returning what `gm` does."""
     if not all(type(x) in (torch.Tensor, torch.nn.Parameter) for x in example_inputs):
         return BeforeAutograd(None, _refused("the graph has symbolic sizes or non-tensor inputs (dynamic shapes): "
                                              "it is rewritten after autograd only, where the routing is saved for "
@@ -60,7 +62,19 @@ def rewrite_before_autograd(gm: GraphModule, example_inputs: list[Any],
         return BeforeAutograd(None, report, False)
     _make_differentiable(graph)
     program.graph_module.recompile()
-    return BeforeAutograd(program.module(), report, False)
+    return BeforeAutograd(_plain_module(program.module()), report, False)
+
+
+def _plain_module(unlifted: GraphModule) -> GraphModule:
+    """The exported module's graph in a plain GraphModule, with flat inputs and outputs as Dynamo's
+    graph had them, and without export's input-guard submodule (Dynamo guards the inputs already):
+    neither can be pickled, which would keep Inductor's FX graph cache from keying the compile."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(unlifted.graph, {}))
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    return GraphModule(unlifted, graph)
 
 
 def _refused(reason: str) -> GraphReport:
