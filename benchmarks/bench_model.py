@@ -140,12 +140,7 @@ def main() -> None:
             label = f"{part}, {'prefill' if is_prefill else 'decode'}"
             rows.append(timing_row(label, tokens, fns, inputs, replays=10 if tokens >= 4096 else 50))
             print(rows[-1], flush=True)
-        report = collector.take()
-        print(f"moe_fusion on the {part}, {len(report.graphs)} compiled graphs: routing {report.count('routing')}, "
-              f"experts {report.count('experts')}, shared_experts {report.count('shared_experts')} rewrites, "
-              f"{len(report.refusals)} refusals")
-        for refusal in report.refusals:
-            print(f"  {refusal}")
+        print(f"moe_fusion on the {part}: {collector.take().tally()}")
 
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, DeepseekV3 {layers} MoE layers "
           f"(TP8 per-GPU sizes), bfloat16, median per call inside CUDA graphs")

@@ -125,12 +125,7 @@ def main() -> None:
         rows.append(f"| {tokens} | {times['inductor']:.1f} | {times['moe_fusion']:.1f} | "
                     f"{times['inductor'] / times['moe_fusion']:.2f}x |")
         print(rows[-1], flush=True)
-    report = collector.take()
-    print(f"moe_fusion rewrites before autograd: routing {report.count('routing')}, experts "
-          f"{report.count('experts')}, shared_experts {report.count('shared_experts')}, "
-          f"{len(report.refusals)} refusals")
-    for refusal in report.refusals:
-        print(f"  {refusal}")
+    print(f"moe_fusion on the training step: {collector.take().tally()}")
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"\n{device_name}, torch {torch.__version__}, DeepseekV3 MoE block "

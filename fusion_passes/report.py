@@ -83,6 +83,13 @@ class Report:
     def count(self, pass_name: str) -> int:
         return sum(1 for r in self.rewrites if r.pass_name == pass_name)
 
+    def tally(self) -> str:
+        """The rewrites per pass and every refusal, for a benchmark's or a script's log."""
+        per_pass = collections.Counter(r.pass_name for r in self.rewrites)
+        counts = ", ".join(f"{name} {count}" for name, count in per_pass.items()) or "none"
+        lines = [f"{len(self.graphs)} graph(s); rewrites: {counts}; {len(self.refusals)} refusal(s)"]
+        return "\n".join(lines + [f"  {r}" for r in self.refusals])
+
     def op_count_table(self) -> str:
         before = sum((g.ops_before for g in self.graphs), collections.Counter())
         after = sum((g.ops_after for g in self.graphs), collections.Counter())
