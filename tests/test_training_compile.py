@@ -122,3 +122,25 @@ def test_graphs_export_cannot_trace_keep_the_post_grad_path(monkeypatch):
     report = collector.take()
     assert any(r.pass_name == "before_autograd" and "no export for this graph" in r.reason for r in report.refusals)
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_training_step_is_as_close_to_eager_as_default_compile():
+    pytest.importorskip("transformers")
+    from fusion_passes.hf_examples import tiny_hf_moe
+
+    model = tiny_hf_moe("deepseek_v3").to(torch.bfloat16).train()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    _, eager_grads = _loss_and_grads(model, tokens)
+    eager_grads = {name: grad.float() for name, grad in eager_grads.items()}
+
+    def largest_relative_error(backend):
+        torch._dynamo.reset()
+        collector.take()
+        with no_compile_caches():
+            _, grads = _loss_and_grads(torch.compile(model, backend=backend), tokens)
+        return max(((grads[n].float() - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in eager_grads.items())
+
+    default_error = largest_relative_error("inductor")
+    fused_error = largest_relative_error(fusion_passes.make_backend(fuse_experts_on_cpu=True))
+    assert collector.take().count("experts") == 2
+    assert fused_error <= max(2 * default_error, 1e-3), (fused_error, default_error)
