@@ -1,9 +1,11 @@
-"""A hand-written DeepSeek-style MoE block with variations, for the rewrite and training tests."""
+"""MoE blocks for the rewrite and training tests: a hand-written DeepSeek-style block with
+variations, and torchtitan's two formulations, re-expressed."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from routing_zoo import TorchtitanMainRouter
 from torch import nn
 
 from fusion_passes.example_model import ExampleConfig, Router
@@ -61,3 +63,116 @@ class HandWrittenBlock(nn.Module):
         if v == "routed_used_twice":
             return routed + self.shared(x), routed
         return routed + self.shared(x)
+
+
+class TorchtitanFeedForward(nn.Module):
+    """torchtitan's dense / shared expert: w2(silu(w1(x)) * w3(x)), Linears without bias."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(hidden, intermediate, bias=False)
+        self.w2 = nn.Linear(intermediate, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, intermediate, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TorchtitanStyleBlock(nn.Module):
+    """The MoE layer as torchtitan writes it (torchtitan/models/moe/moe.py), re-expressed: experts with
+    separate w1, w3 [E, I, H] and w2 [E, H, I]; per-expert counts by histc (torchtitan: max=E), which
+    also feed a load-balancing buffer; a stable argsort of the ids; the tokens' rows by gather;
+    grouped_mm in bf16; the routing scores applied to the expert outputs, or to their inputs with
+    score_before_experts; scatter_add onto the shared expert's output, or onto zeros without one.
+    histc gets float ids: its CPU kernel takes no integers."""
+
+    def __init__(self, shared_experts: int = 1, score_before_experts: bool = False, histc_max: int | None = None,
+                 num_experts: int = ExampleConfig.num_experts):
+        super().__init__()
+        torch.manual_seed(0)
+        self.cfg = cfg = ExampleConfig(num_experts=num_experts)
+        hidden, inter, experts = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        self.router = Router(cfg)
+        self.w1 = nn.Parameter(torch.randn(experts, inter, hidden) * hidden**-0.5)
+        self.w3 = nn.Parameter(torch.randn(experts, inter, hidden) * hidden**-0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, inter) * inter**-0.5)
+        self.shared_experts = TorchtitanFeedForward(hidden, inter * shared_experts) if shared_experts else None
+        self.score_before_experts = score_before_experts
+        self.histc_max = experts if histc_max is None else histc_max
+        self.to(torch.bfloat16)
+        self.register_buffer("tokens_per_expert", torch.zeros(experts), persistent=False)
+
+    def grouped_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        hidden = F.silu(torch._grouped_mm(rows.bfloat16(), self.w1.bfloat16().transpose(-2, -1), offs=offsets))
+        hidden = hidden * torch._grouped_mm(rows.bfloat16(), self.w3.bfloat16().transpose(-2, -1), offs=offsets)
+        return torch._grouped_mm(hidden, self.w2.bfloat16().transpose(-2, -1), offs=offsets).type_as(rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        x = x.view(-1, hidden)
+        scores, ids = self.router(x)
+        topk = ids.shape[1]
+        counts = torch.histc(ids.view(-1).float(), bins=self.cfg.num_experts, min=0, max=self.histc_max)
+        with torch.no_grad():
+            self.tokens_per_expert.add_(counts)
+        pair_order = torch.argsort(ids.view(-1), stable=True)
+        sorted_scores = scores.view(-1)[pair_order]
+        row_tokens = (pair_order // topk).reshape(-1, 1).expand(-1, hidden)
+        rows = torch.gather(x, dim=0, index=row_tokens)
+        if self.score_before_experts:
+            rows = (rows.to(torch.float32) * sorted_scores.reshape(-1, 1)).to(x.dtype)
+        expert_rows = self.grouped_experts(rows, counts)
+        out = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
+        if not self.score_before_experts:
+            expert_rows = (expert_rows.to(torch.float32) * sorted_scores.reshape(-1, 1)).to(x.dtype)
+        return out.scatter_add(dim=0, index=row_tokens, src=expert_rows).reshape(batch, seq, hidden)
+
+
+class TorchtitanMainStyleBlock(TorchtitanStyleBlock):
+    """The MoE layer as torchtitan main writes it (torchtitan/models/common/moe/moe.py), re-expressed:
+    its router (routing_zoo.TorchtitanMainRouter, DeepSeek-V3 config) whose counts feed a
+    load-balancing buffer; counts again and a stable argsort of the ids; the rows x[perm // k]; the
+    grouped_mm experts; the outputs un-sorted into zeros by the permutation and viewed [T, K, H]; the
+    combine bmm(weights [T, 1, K], outputs in float32) rounded to the hidden dtype; the shared
+    expert's output plus that. `combine`: "reshape" (torchtitan's [T, 1, K]), "unsqueeze" (the same
+    row spelled weights.unsqueeze(1)), or "unweighted_sum", a look-alike that sums the outputs
+    unweighted (as score_before_experts=True does after weighting the inputs) and returns each
+    token's largest weight next to the output (say, for logging). histc gets float ids, as above."""
+
+    def __init__(self, shared_experts: int = 1, score_before_experts: bool = False, combine: str = "reshape"):
+        super().__init__(shared_experts, score_before_experts)
+        cfg = self.cfg
+        self.router = TorchtitanMainRouter(
+            seed=0, dtype=torch.bfloat16, num_experts=cfg.num_experts, hidden_size=cfg.hidden_size,
+            bias_dtype=torch.float32, top_k=cfg.num_experts_per_tok, num_expert_groups=cfg.num_expert_group,
+            num_limited_groups=cfg.topk_group, score_func="sigmoid", route_norm=True,
+            route_scale=cfg.routed_scaling_factor)
+        self.combine = combine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        x = x.view(-1, hidden)
+        scores, ids, counts = self.router(x)
+        topk = ids.shape[1]
+        with torch.no_grad():
+            self.tokens_per_expert.add_(counts)
+        experts = self.cfg.num_experts
+        counts = torch.histc(ids.view(-1).float(), bins=experts, min=0, max=experts)
+        pair_order = torch.argsort(ids.view(-1), stable=True)
+        sorted_scores = scores.view(-1)[pair_order]
+        rows = x[pair_order // topk]
+        if self.score_before_experts:
+            rows = (rows.to(torch.float32) * sorted_scores.reshape(-1, 1)).to(x.dtype)
+        expert_rows = self.grouped_experts(rows, counts)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        per_pick = torch.zeros((batch * seq * topk, hidden), dtype=expert_rows.dtype, device=expert_rows.device)
+        per_pick[pair_order] = expert_rows
+        per_pick = per_pick.reshape(-1, topk, hidden)
+        if self.score_before_experts or self.combine == "unweighted_sum":
+            routed = per_pick.sum(dim=1)
+        else:
+            row = scores.unsqueeze(1) if self.combine == "unsqueeze" else scores.reshape(-1, 1, topk)
+            routed = torch.bmm(row, per_pick.float()).to(x.dtype).squeeze(1)
+        out = (routed if shared is None else shared + routed).reshape(batch, seq, hidden)
+        return (out, scores.amax(dim=-1)) if self.combine == "unweighted_sum" else out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from compile_checks import fused_op_calls, internal_errors, no_compile_caches
-from moe_blocks import HandWrittenBlock
+from moe_blocks import HandWrittenBlock, TorchtitanMainStyleBlock, TorchtitanStyleBlock
 
 import fusion_passes
 from fusion_passes.report import collector
@@ -144,3 +144,35 @@ def test_bf16_training_step_is_as_close_to_eager_as_default_compile():
     fused_error = largest_relative_error(fusion_passes.make_backend(fuse_experts_on_cpu=True))
     assert collector.take().count("experts") == 2
     assert fused_error <= max(2 * default_error, 1e-3), (fused_error, default_error)
+
+
+@pytest.mark.parametrize("block_class", [TorchtitanStyleBlock, TorchtitanMainStyleBlock])
+def test_torchtitan_style_bf16_block_trains_as_close_to_eager_as_default_compile(block_class):
+    block = block_class(shared_experts=2).train()
+    x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+
+    def gradients(module):
+        module.zero_grad()
+        inputs = x.clone().requires_grad_()
+        module(inputs).float().square().mean().backward()
+        grads = {name.removeprefix("_orig_mod."): p.grad.float() for name, p in module.named_parameters()
+                 if p.grad is not None}
+        return {"input": inputs.grad.float(), **grads}
+
+    eager = gradients(block)
+
+    def largest_relative_error(backend):
+        torch._dynamo.reset()
+        collector.take()
+        with no_compile_caches():
+            grads = gradients(torch.compile(block, backend=backend))
+        assert grads.keys() == eager.keys()
+        return max(((grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in eager.items())
+
+    default_error = largest_relative_error("inductor")
+    fused_error = largest_relative_error(fusion_passes.make_backend(fuse_experts_on_cpu=True))
+    report = collector.take()
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
+        [r.reason for r in report.refusals]
+    assert fused_error <= max(2 * default_error, 1e-3), (fused_error, default_error)
+
