@@ -9,7 +9,8 @@ rewrites read after grad), runs the rewrites there, and hands the rewritten modu
 whose AOT autograd then differentiates the fused ops through their registered backwards
 (``ops/gate_autograd.py``, ``ops/experts_autograd.py``).
 
-For now only graphs with static shapes take this path (a Dynamo graph with symbolic sizes would need
+Graphs without a top-k (no routing to rewrite) are compiled as they are, without the export. For
+now only graphs with static shapes take this path (a Dynamo graph with symbolic sizes would need
 export's dynamic shapes built from Dynamo's symbols); the others, and graphs export cannot trace,
 keep the post-grad path, and the report says why.
 """
@@ -44,6 +45,8 @@ def rewrite_before_autograd(gm: GraphModule, example_inputs: list[Any],
                             run_rewrites: Callable[[Graph], GraphReport]) -> BeforeAutograd:
     """Exports `gm` to functional ATen, runs `run_rewrites` on it and, if anything was rewritten,
     returns the rewritten graph as a module taking and returning what `gm` does."""
+    if not _has_topk(gm):  # no routing (every spelling ends in a top-k): spare the export
+        return BeforeAutograd(None, GraphReport(collector.next_index()), False)
     if not all(type(x) in (torch.Tensor, torch.nn.Parameter) for x in example_inputs):
         return BeforeAutograd(None, _refused("the graph has symbolic sizes or non-tensor inputs (dynamic shapes): "
                                              "it is rewritten after autograd only, where the routing is saved for "
@@ -63,6 +66,11 @@ def rewrite_before_autograd(gm: GraphModule, example_inputs: list[Any],
     _make_differentiable(graph)
     program.graph_module.recompile()
     return BeforeAutograd(_plain_module(program.module()), report, False)
+
+
+def _has_topk(gm: GraphModule) -> bool:
+    return any(node.target is torch.topk or node.op == "call_method" and node.target == "topk"
+               for node in gm.graph.nodes)
 
 
 def _plain_module(unlifted: GraphModule) -> GraphModule:

@@ -176,3 +176,19 @@ def test_torchtitan_style_bf16_block_trains_as_close_to_eager_as_default_compile
         [r.reason for r in report.refusals]
     assert fused_error <= max(2 * default_error, 1e-3), (fused_error, default_error)
 
+
+def test_graphs_without_routing_are_not_exported(monkeypatch):
+    def export_must_not_run(*args, **kwargs):
+        raise AssertionError("a graph without a top-k was exported")
+
+    monkeypatch.setattr(torch.export, "export", export_must_not_run)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 16))
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(9))
+    eager = mlp(x).square().mean()
+    compiled = _compile(mlp)
+    with no_compile_caches():
+        loss = compiled(x).square().mean()
+    report = collector.take()
+    assert not report.rewrites and not report.refusals
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-7)
+
