@@ -45,3 +45,12 @@ def _fused_experts_fake(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, sh
     check_experts_args(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
                        shared_token_weight)
     return hidden.new_empty(hidden.shape)
+
+
+@torch.library.register_fake("moe_fusion::fused_experts_backward")
+def _fused_experts_backward_fake(grad_out, hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate,
+                                 shared_up, shared_down, shared_token_weight, needs_grad):
+    differentiable = (hidden, topk_weights, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+                      shared_token_weight)
+    return [x.new_empty(x.shape) for x, needed in zip(differentiable, needs_grad, strict=True) if needed]
+

@@ -135,34 +135,10 @@ def fused_experts_grads(
     return (grad_hidden, grad_topk_weights, *grad_weights, grad_token_weight)
 
 
-@torch.library.custom_op("moe_fusion::fused_experts_backward", mutates_args=())
-def fused_experts_backward(
-    grad_out: torch.Tensor,
-    hidden: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    shared_gate: torch.Tensor | None,
-    shared_up: torch.Tensor | None,
-    shared_down: torch.Tensor | None,
-    shared_token_weight: torch.Tensor | None,
-    needs_grad: Sequence[bool],
-) -> list[torch.Tensor]:
-    """``fused_experts_grads`` as an op: the gradients flagged by `needs_grad`, in schema order."""
-    grads = fused_experts_grads(grad_out, hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate,
-                                shared_up, shared_down, shared_token_weight, needs_grad)
-    return [grad for grad in grads if grad is not None]
-
-
-@fused_experts_backward.register_fake
-def _fused_experts_backward_fake(grad_out, hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate,
-                                 shared_up, shared_down, shared_token_weight, needs_grad):
-    inputs = (hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
-              shared_token_weight)
-    return [inputs[i].new_empty(inputs[i].shape) for i, needed in zip(_DIFFERENTIABLE, needs_grad, strict=True)
-            if needed]
+@torch.library.impl("moe_fusion::fused_experts_backward", "CompositeExplicitAutograd")
+def _fused_experts_backward(*args):
+    """``fused_experts_grads`` as the op (schema in csrc/registration.cpp): the flagged gradients only."""
+    return [grad for grad in fused_experts_grads(*args) if grad is not None]
 
 
 def _no_double_backward(ctx, *grads):
@@ -180,7 +156,7 @@ def _backward(ctx, grad_out):
     needs_grad = [ctx.needs_input_grad[i] for i in _DIFFERENTIABLE]
     grads = [None] * len(ctx.needs_input_grad)  # topk_ids and inputs that need none stay None
     if any(needs_grad):
-        computed = iter(fused_experts_backward(grad_out, *ctx.saved_tensors, needs_grad))
+        computed = iter(torch.ops.moe_fusion.fused_experts_backward(grad_out, *ctx.saved_tensors, needs_grad))
         for i, needed in zip(_DIFFERENTIABLE, needs_grad, strict=True):
             if needed:
                 grads[i] = next(computed)
