@@ -30,11 +30,12 @@ written to their own place (a [T*K, H] float32 buffer for the hidden states' gra
 afterwards: no floating-point atomics, the same gradients on every run. Gradients come back in each
 input's dtype.
 
-The per-slot loop reads the slot sizes on the host: one synchronisation per backward, on CPU and CUDA
-tensors alike. A grouped-GEMM CUDA backward (no synchronisation, one launch per projection) is a later
-step. The loop runs inside an op of its own, ``moe_fusion::fused_experts_backward``, so that
-``torch.compile`` keeps it opaque instead of tracing data-dependent slot sizes. That op is not
-differentiable: a double backward (``create_graph=True``) raises ValueError.
+That is the per-slot loop of CPU (and other non-CUDA) tensors, which reads the slot sizes on the host
+once per backward. CUDA tensors run the same formula as Triton grouped GEMMs
+(ops/triton_experts_backward.py): no host synchronisation, capturable in a CUDA graph. Both run inside
+an op of their own, ``moe_fusion::fused_experts_backward``, so that ``torch.compile`` keeps the
+data-dependent slot sizes opaque. That op is not differentiable: a double backward
+(``create_graph=True``) raises ValueError.
 """
 
 from __future__ import annotations
@@ -65,24 +66,61 @@ def fused_experts_grads(
 ) -> tuple[torch.Tensor | None, ...]:
     """The gradients of ``fused_experts``' differentiable inputs (all but topk_ids, in schema order)
     for the upstream gradient `grad_out` [T, H]; None where `needs_grad` (one flag per such input) is
-    False. See the module docstring for the formula. Float64 inputs are computed in float64."""
-    need_hidden, need_topk_weights, *need_weights, need_token_weight = needs_grad
-    tokens, hidden_size = hidden.shape
-    topk = topk_ids.shape[1]
-    num_experts, inter, _ = w_gate.shape
-    num_slots = num_expert_slots(w_gate, shared_gate)
-    dtype = hidden.dtype
-    work = accumulation_dtype(dtype)
+    False. See the module docstring for the formula. Float64 inputs are computed in float64.
 
+    CUDA tensors run the Triton grouped GEMMs (ops/triton_experts_backward.py, no synchronisation);
+    other devices the per-slot loop (`_grads_per_slot`)."""
+    need_hidden, need_topk_weights, *need_weights, need_token_weight = needs_grad
+    tokens = hidden.shape[0]
+    num_experts = w_gate.shape[0]
+    num_slots = num_expert_slots(w_gate, shared_gate)
     ids = topk_ids.long()
+    work = accumulation_dtype(hidden.dtype)
     token_weight = None if shared_token_weight is None else shared_token_weight.to(work)
     pair_weight = pair_weights(topk_weights.to(work), ids, num_experts, token_weight).reshape(-1)
-
     weights = (w_gate, w_up, w_down, shared_gate, shared_up, shared_down)
+
+    if _runs_triton(hidden) and tokens > 0:
+        from .triton_experts_backward import experts_grads_triton  # Triton is imported on first CUDA use only
+
+        grad_hidden, grad_pair_weight, grad_weights = experts_grads_triton(
+            grad_out, hidden, topk_ids, pair_weight.contiguous(), weights, num_slots - num_experts, need_hidden,
+            need_weights)
+    else:
+        grad_hidden, grad_pair_weight, grad_weights = _grads_per_slot(
+            grad_out, hidden, ids, pair_weight, weights, num_slots, need_hidden,
+            need_topk_weights or need_token_weight, need_weights)
+
+    grad_topk_weights = grad_token_weight = None
+    if need_topk_weights or need_token_weight:
+        grad_pair_weight = grad_pair_weight.view(ids.shape)
+    if need_topk_weights:
+        # The pair weight is topk_weights times a factor that does not depend on it.
+        grad_topk_weights = pair_weights(grad_pair_weight, ids, num_experts, token_weight).to(topk_weights.dtype)
+    if need_token_weight:
+        shared_terms = torch.where(ids >= num_experts, grad_pair_weight * topk_weights.to(work), 0.0)
+        grad_token_weight = shared_terms.sum(1).to(shared_token_weight.dtype)
+    return (grad_hidden, grad_topk_weights, *grad_weights, grad_token_weight)
+
+
+def _runs_triton(hidden: torch.Tensor) -> bool:
+    """Whether the Triton backward serves these tensors (the tests also run it on the CPU, interpreted)."""
+    return hidden.device.type == "cuda"
+
+
+def _grads_per_slot(grad_out, hidden, ids, pair_weight, weights, num_slots, need_hidden, need_pair_weight,
+                    need_weights):
+    """(grad_hidden or None, grad_pair_weight [T*K] in the accumulation dtype or None, the six weight
+    gradients or None) by PyTorch ops over each active slot's rows."""
+    tokens, hidden_size = hidden.shape
+    topk = ids.shape[1]
+    num_experts, inter, _ = weights[0].shape
+    dtype = hidden.dtype
+    work = accumulation_dtype(dtype)
     grad_weights = tuple(torch.zeros(w.shape, dtype=w.dtype, device=w.device) if needed else None
                          for w, needed in zip(weights, need_weights, strict=True))
     # Per-pair gradients of the pair weight and of the token's row, reduced over K after the loop.
-    grad_pair_weight = hidden.new_zeros(ids.numel(), dtype=work) if need_topk_weights or need_token_weight else None
+    grad_pair_weight = hidden.new_zeros(ids.numel(), dtype=work) if need_pair_weight else None
     grad_pair_hidden = hidden.new_zeros((ids.numel(), hidden_size), dtype=work) if need_hidden else None
 
     # Out-of-range ids get the key num_slots: sorted last and left out of the loop.
@@ -120,19 +158,10 @@ def fused_experts_grads(
                 grad_up.copy_(db.T @ x)
             if grad_pair_hidden is not None:
                 grad_pair_hidden[pairs] = (da @ gate).to(work) + (db @ up).to(work)
-
-    grad_hidden = grad_topk_weights = grad_token_weight = None
-    if need_hidden:
+    grad_hidden = None
+    if grad_pair_hidden is not None:
         grad_hidden = grad_pair_hidden.view(tokens, topk, hidden_size).sum(1).to(dtype)
-    if grad_pair_weight is not None:
-        grad_pair_weight = grad_pair_weight.view(tokens, topk)
-        if need_topk_weights:
-            # The pair weight is topk_weights times a factor that does not depend on it.
-            grad_topk_weights = pair_weights(grad_pair_weight, ids, num_experts, token_weight).to(topk_weights.dtype)
-        if need_token_weight:
-            shared_terms = torch.where(ids >= num_experts, grad_pair_weight * topk_weights.to(work), 0.0)
-            grad_token_weight = shared_terms.sum(1).to(shared_token_weight.dtype)
-    return (grad_hidden, grad_topk_weights, *grad_weights, grad_token_weight)
+    return grad_hidden, grad_pair_weight, grad_weights
 
 
 @torch.library.impl("moe_fusion::fused_experts_backward", "CompositeExplicitAutograd")

@@ -21,8 +21,8 @@ dtypes. At T=16384, H=7168, K=9 that is ~8 GB of atomic traffic against ~4 GB fo
 the sum order (hence the result) would change from run to run. The price is a [T*K, H] buffer in
 hidden's dtype (2.1 GB at that size).
 
-Positions inside one expert's segment come from atomics and may differ between runs; the result does
-not, because each output row of a GEMM tile depends only on its own input row.
+Inside each expert's segment the rows are in pair order, the same on every run (no atomics in the
+alignment either), so the backward's sums over a segment's rows are reproducible too.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 
 class GemmTiles(NamedTuple):
@@ -80,7 +81,7 @@ def tile_config(num_pairs: int, num_slots: int, dtype: torch.dtype) -> TileConfi
 
 @triton.jit
 def _align_kernel(
-    ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr, cursor_ptr,
+    ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr, scratch_ptr, slot_start_ptr, slot_rows_ptr,
     num_pairs, num_slots, num_blocks, pairs_per_program,
     BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr, BLOCKS_CHUNK: tl.constexpr,
 ):
@@ -88,8 +89,10 @@ def _align_kernel(
 
     Each program counts all ids (a histogram, cheap next to the GEMMs and read from L2 after the first
     program), so every program knows every segment's start and how many pairs of each slot precede
-    its own range; it then scatters its range with atomics on a private cursor row. No inter-program
-    communication, hence one launch. Ids outside [0, num_slots) are left out everywhere.
+    its own range; it then places its range, chunk by chunk, through a private scratch row. No
+    inter-program communication, hence one launch. Ids outside [0, num_slots) are left out everywhere.
+    Program 0 also writes each slot's first row and number of pairs (the backward's weight gradients
+    walk segments).
     """
     pid = tl.program_id(0)
     first = pid * pairs_per_program
@@ -109,6 +112,9 @@ def _align_kernel(
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     seg_end = tl.cumsum(padded, 0)
     seg_start = seg_end - padded
+    if pid == 0:
+        tl.store(slot_start_ptr + slots, seg_start, mask=slots < num_slots)
+        tl.store(slot_rows_ptr + slots, counts, mask=slots < num_slots)
 
     # Block table: block b starts at row b*BLOCK_M inside exactly one segment, or past the last one.
     for b0 in range(pid * BLOCKS_CHUNK, num_blocks, tl.num_programs(0) * BLOCKS_CHUNK):
@@ -121,16 +127,29 @@ def _align_kernel(
         tl.store(block_expert_ptr + blocks, tl.where(used, expert, -1), mask=blocks < num_blocks)
         tl.store(block_rows_ptr + blocks, tl.minimum(rows, BLOCK_M), mask=blocks < num_blocks)
 
-    cursor = cursor_ptr + pid * NUM_BINS
-    tl.store(cursor + slots, seg_start + before)
-    tl.debug_barrier()  # the cursor row is complete before any thread of this program bumps it
+    # A pair's row is its slot's next free row plus its rank among the chunk's pairs of that slot. The
+    # ranks come from sorting the chunk by (slot, pair), not from atomics: every run puts every pair on
+    # the same row, each slot's rows in pair order (the backward's weight gradients sum over those rows
+    # in that order, so they are the same on every run).
+    next_row = seg_start + before
+    scratch = scratch_ptr + pid * NUM_BINS
     last = tl.minimum(first + pairs_per_program, num_pairs)
     for start in range(first, last, CHUNK):
         idx = start + offs
         ids = tl.load(ids_ptr + idx, mask=idx < last, other=-1)
         valid = (idx < last) & (ids >= 0) & (ids < num_slots)
-        position = tl.atomic_add(cursor + ids, 1, mask=valid, sem="relaxed")
-        tl.store(sorted_pairs_ptr + position, idx, mask=valid)
+        slot_of = tl.where(valid, ids.to(tl.int32), NUM_BINS)  # invalid pairs sort last
+        keys = tl.sort(slot_of * CHUNK + offs)
+        sorted_slot = keys // CHUNK
+        hist = tl.histogram(slot_of, NUM_BINS, mask=valid)
+        tl.debug_barrier()  # the previous chunk's reads of the scratch row are done
+        # The j-th sorted pair's row: next_row[slot] + j - (the chunk's pairs of smaller slots).
+        tl.store(scratch + slots, next_row - (tl.cumsum(hist, 0) - hist))
+        tl.debug_barrier()
+        placed = sorted_slot < num_slots
+        row = tl.load(scratch + sorted_slot, mask=placed, other=0) + offs
+        tl.store(sorted_pairs_ptr + row, start + keys % CHUNK, mask=placed)
+        next_row += hist
 
 
 @triton.jit
@@ -147,7 +166,7 @@ def _block_tile(num_blocks, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _weight_ptrs(
+def slot_tile_ptrs(
     expert, num_experts, slot_size, routed_ptr, stride_e, stride_n, stride_k, shared_ptr, stride_sn, stride_sk,
     offs_n, offs_k, SLOT_ALONG_N: tl.constexpr,
 ):
@@ -169,17 +188,25 @@ def _weight_ptrs(
     return tl.where(is_shared, shared, routed), tl.where(is_shared, stride_sk, stride_k)
 
 
-@triton.jit
-def _expert_tile(
-    a_ptrs, stride_ak, row_mask, w_ptrs, stride_wk, v_ptrs, stride_vk, n_mask, k_size,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """float32 [BLOCK_M, BLOCK_N] tile of A @ W^T, or of silu(A @ W^T) * (A @ V^T) when GATED.
+# What expert_tile computes besides A @ W^T (the values of its SECOND argument).
+ONE = tl.constexpr(0)  # A @ W^T alone
+GATE_UP = tl.constexpr(1)  # also A @ V^T, in a second accumulator (gate and up of the same rows)
+SUM = tl.constexpr(2)  # A @ W^T + B @ V^T in one accumulator (two inputs, two weights)
 
-    ``a_ptrs`` [BLOCK_M, 1] point at the rows of A, ``w_ptrs``/``v_ptrs`` at [BLOCK_K, BLOCK_N] tiles.
+
+@triton.jit
+def expert_tile(
+    a_ptrs, b_ptrs, stride_ak, row_mask, w_ptrs, stride_wk, v_ptrs, stride_vk, n_mask, k_size,
+    SECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """float32 [BLOCK_M, BLOCK_N] tiles (first, second) of the products SECOND selects (see above).
+
+    ``a_ptrs``/``b_ptrs`` [BLOCK_M, 1] point at the rows of A and B (B is read for SUM only), ``w_ptrs``/
+    ``v_ptrs`` at [BLOCK_K, BLOCK_N] tiles of W^T and V^T (V for GATE_UP and SUM only).
     """
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptrs + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptrs + offs_k[None, :] * stride_ak
     acc_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_size, BLOCK_K):
@@ -191,13 +218,28 @@ def _expert_tile(
         acc_w = tl.dot(a, w, acc_w, input_precision="ieee")
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-        if GATED:
+        if SECOND != ONE:
             v = tl.load(v_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc_v = tl.dot(a, v, acc_v, input_precision="ieee")
             v_ptrs += BLOCK_K * stride_vk
-    if GATED:
-        acc_w = acc_w / (1.0 + tl.exp(-acc_w)) * acc_v  # silu(gate) * up
-    return acc_w
+            if SECOND == GATE_UP:
+                acc_v = tl.dot(a, v, acc_v, input_precision="ieee")
+            else:
+                b = tl.load(b_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                acc_w = tl.dot(b, v, acc_w, input_precision="ieee")
+                b_ptrs += BLOCK_K * stride_ak
+    return acc_w, acc_v
+
+
+@triton.jit
+def program_block(num_blocks, num_n, block_expert_ptr, block_rows_ptr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's expert slot (< 0: nothing to do), its block's rows, their mask, its N tile and the
+    tile's offsets."""
+    block, tile_n = _block_tile(num_blocks, num_n, GROUP_M)
+    expert = tl.load(block_expert_ptr + block)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_mask = offs_m < tl.load(block_rows_ptr + block)
+    return expert, block * BLOCK_M + offs_m, row_mask, tile_n, tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit
@@ -209,55 +251,66 @@ def _gate_up_kernel(
     stride_ge, stride_gn, stride_gk, stride_ue, stride_un, stride_uk,
     stride_sgn, stride_sgk, stride_sun, stride_suk,
     stride_act,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """act[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) for the rows of each expert-aligned block."""
-    block, tile_n = _block_tile(num_blocks, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + block)
+    """act[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) for the rows of each expert-aligned block;
+    gate_e @ x[token] alone when not GATED (the backward's gathered GEMM)."""
+    expert, rows, row_mask, _, offs_n = program_block(num_blocks, tl.cdiv(inter, BLOCK_N), block_expert_ptr,
+                                                      block_rows_ptr, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    row_mask = offs_m < tl.load(block_rows_ptr + block)
-    rows = block * BLOCK_M + offs_m
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
     x_rows = x_ptr + (pairs // topk).to(tl.int64)[:, None] * stride_xt
-    gate_ptrs, gate_k = _weight_ptrs(expert, num_experts, inter, gate_ptr, stride_ge, stride_gn, stride_gk,
-                                     shared_gate_ptr, stride_sgn, stride_sgk, offs_n, offs_k, True)
-    up_ptrs, up_k = _weight_ptrs(expert, num_experts, inter, up_ptr, stride_ue, stride_un, stride_uk,
-                                 shared_up_ptr, stride_sun, stride_suk, offs_n, offs_k, True)
+    gate_ptrs, gate_k = slot_tile_ptrs(expert, num_experts, inter, gate_ptr, stride_ge, stride_gn, stride_gk,
+                                       shared_gate_ptr, stride_sgn, stride_sgk, offs_n, offs_k, True)
     n_mask = offs_n < inter
-    act = _expert_tile(x_rows, stride_xh, row_mask, gate_ptrs, gate_k, up_ptrs, up_k, n_mask, hidden_size,
-                       True, BLOCK_M, BLOCK_N, BLOCK_K)
+    if GATED:
+        up_ptrs, up_k = slot_tile_ptrs(expert, num_experts, inter, up_ptr, stride_ue, stride_un, stride_uk,
+                                       shared_up_ptr, stride_sun, stride_suk, offs_n, offs_k, True)
+        gate, up = expert_tile(x_rows, x_rows, stride_xh, row_mask, gate_ptrs, gate_k, up_ptrs, up_k, n_mask,
+                               hidden_size, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K)
+        act = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up
+    else:
+        act, _ = expert_tile(x_rows, x_rows, stride_xh, row_mask, gate_ptrs, gate_k, gate_ptrs, gate_k, n_mask,
+                             hidden_size, ONE, BLOCK_M, BLOCK_N, BLOCK_K)
     act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * stride_act + offs_n[None, :]
     tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def _down_kernel(
-    act_ptr, y_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
-    down_ptr, shared_down_ptr,
+    act_ptr, act2_ptr, y_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
+    down_ptr, down2_ptr, shared_down_ptr, shared_down2_ptr,
     num_blocks, hidden_size, inter, num_experts,
-    stride_act, stride_de, stride_dn, stride_dk, stride_sdn, stride_sdk, stride_y,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    stride_act, stride_de, stride_dn, stride_dk, stride_d2e, stride_d2n, stride_d2k,
+    stride_sdn, stride_sdk, stride_sd2n, stride_sd2k, stride_y,
+    TWO_INPUTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """y[pair] = down_e @ act[row] for the rows of each expert-aligned block."""
-    block, tile_n = _block_tile(num_blocks, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + block)
+    """y[pair] = down_e @ act[row] for the rows of each expert-aligned block; plus down2_e @ act2[row]
+    when TWO_INPUTS (the backward's hidden-state gradient: gate_e^T @ da + up_e^T @ db)."""
+    num_n = tl.cdiv(hidden_size, BLOCK_N)
+    expert, rows, row_mask, _, offs_n = program_block(num_blocks, num_n, block_expert_ptr, block_rows_ptr, BLOCK_M,
+                                                      BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    row_mask = offs_m < tl.load(block_rows_ptr + block)
-    rows = block * BLOCK_M + offs_m
     act_rows = act_ptr + rows.to(tl.int64)[:, None] * stride_act
-    down_ptrs, down_k = _weight_ptrs(expert, num_experts, inter, down_ptr, stride_de, stride_dn, stride_dk,
-                                     shared_down_ptr, stride_sdn, stride_sdk, offs_n, offs_k, False)
+    down_ptrs, down_k = slot_tile_ptrs(expert, num_experts, inter, down_ptr, stride_de, stride_dn, stride_dk,
+                                       shared_down_ptr, stride_sdn, stride_sdk, offs_n, offs_k, False)
     n_mask = offs_n < hidden_size
-    y = _expert_tile(act_rows, 1, row_mask, down_ptrs, down_k, down_ptrs, down_k, n_mask, inter,
-                     False, BLOCK_M, BLOCK_N, BLOCK_K)
+    if TWO_INPUTS:
+        act2_rows = act2_ptr + rows.to(tl.int64)[:, None] * stride_act
+        down2_ptrs, down2_k = slot_tile_ptrs(expert, num_experts, inter, down2_ptr, stride_d2e, stride_d2n,
+                                             stride_d2k, shared_down2_ptr, stride_sd2n, stride_sd2k, offs_n, offs_k,
+                                             False)
+        y, _ = expert_tile(act_rows, act2_rows, 1, row_mask, down_ptrs, down_k, down2_ptrs, down2_k, n_mask, inter,
+                           SUM, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        y, _ = expert_tile(act_rows, act_rows, 1, row_mask, down_ptrs, down_k, down_ptrs, down_k, n_mask, inter,
+                           ONE, BLOCK_M, BLOCK_N, BLOCK_K)
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
     y_ptrs = y_ptr + pairs.to(tl.int64)[:, None] * stride_y + offs_n[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
@@ -267,22 +320,25 @@ def _down_kernel(
 def _combine_kernel(
     y_ptr, out_ptr, ids_ptr, weights_ptr, token_weight_ptr,
     hidden_size, topk, num_experts, num_slots, stride_y, stride_out,
-    HAS_TOKEN_WEIGHT: tl.constexpr, BLOCK_TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+    WEIGHTED: tl.constexpr, HAS_TOKEN_WEIGHT: tl.constexpr, BLOCK_TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """out[t] = sum_j w[t, j] * y[t*K + j] in float32, pairs with out-of-range ids left out."""
+    """out[t] = sum_j w[t, j] * y[t*K + j] in float32 (w = 1 when not WEIGHTED), pairs with out-of-range
+    ids left out."""
     token = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_j = tl.arange(0, BLOCK_TOPK)
     pairs = token * topk + offs_j
     ids = tl.load(ids_ptr + pairs, mask=offs_j < topk, other=-1)
     valid = (offs_j < topk) & (ids >= 0) & (ids < num_slots)
-    weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
-    if HAS_TOKEN_WEIGHT:
-        token_weight = tl.load(token_weight_ptr + token).to(tl.float32)
-        weights = tl.where(ids >= num_experts, weights * token_weight, weights)
     y_ptrs = y_ptr + pairs.to(tl.int64)[:, None] * stride_y + offs_h[None, :]
     y = tl.load(y_ptrs, mask=valid[:, None] & (offs_h < hidden_size)[None, :], other=0.0).to(tl.float32)
-    out = tl.sum(y * weights[:, None], axis=0)
+    if WEIGHTED:
+        weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
+        if HAS_TOKEN_WEIGHT:
+            token_weight = tl.load(token_weight_ptr + token).to(tl.float32)
+            weights = tl.where(ids >= num_experts, weights * token_weight, weights)
+        y = y * weights[:, None]
+    out = tl.sum(y, axis=0)
     tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_h, out.to(out_ptr.dtype.element_ty),
              mask=offs_h < hidden_size)
 
@@ -298,6 +354,114 @@ def _align_launch(num_pairs: int, num_slots: int) -> tuple[int, int, int, int, i
     return num_bins, chunk, programs, pairs_per_program, 4 if num_pairs <= 1024 else 8
 
 
+# The pipeline depth that fits each (kernel, meta-parameters) on this process's GPU (see launch_gemm).
+_FITTING_STAGES: dict = {}
+
+
+def launch_gemm(kernel, grid, *args, num_stages: int, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` with `num_stages` pipeline stages, or the most that fit: each stage
+    holds one set of operand tiles in shared memory, and a tile configuration chosen for an H100/H200
+    (228 KB per SM) may need fewer stages on another card or with a larger epilogue. The launch raises
+    before running anything when the buffers do not fit, so retrying with one stage fewer is safe; the
+    depth that fits is remembered."""
+    key = (kernel, tuple(sorted(meta.items())), num_stages)
+    stages = _FITTING_STAGES.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, num_stages=stages, **meta)
+            break
+        except OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+    _FITTING_STAGES[key] = stages
+
+
+class Alignment(NamedTuple):
+    """The pairs sorted by expert slot, in segments padded to BLOCK_M rows (see _align_kernel)."""
+
+    sorted_pairs: torch.Tensor  # [num_blocks * BLOCK_M] pair index t*K + j of each row (padding rows: unset)
+    block_expert: torch.Tensor  # [num_blocks] the slot of each block, -1 past the last segment
+    block_rows: torch.Tensor  # [num_blocks] real rows of each block
+    slot_start: torch.Tensor  # [num_slots] first row of each slot's segment
+    slot_rows: torch.Tensor  # [num_slots] pairs of each slot
+    num_blocks: int  # an upper bound computed from shapes: launches never wait on the device
+    block_m: int
+
+
+def align(ids: torch.Tensor, num_slots: int, block_m: int) -> Alignment:
+    """Sorts the pairs of contiguous ``ids`` [T, K] by slot; ids outside [0, num_slots) are left out."""
+    num_pairs = ids.numel()
+    # Each slot's padded segment adds < BLOCK_M rows, and at most min(slots, pairs) slots are active.
+    num_blocks = num_pairs // block_m + min(num_slots, num_pairs)
+    num_bins, chunk, programs, pairs_per_program, num_warps = _align_launch(num_pairs, num_slots)
+    scratch = torch.empty(num_blocks * block_m + 2 * num_blocks + programs * num_bins + 2 * num_slots,
+                          dtype=torch.int32, device=ids.device)
+    sorted_pairs, block_expert, block_rows, program_rows, slot_start, slot_rows = scratch.split(
+        [num_blocks * block_m, num_blocks, num_blocks, programs * num_bins, num_slots, num_slots])
+    _align_kernel[(programs,)](
+        ids, sorted_pairs, block_expert, block_rows, program_rows, slot_start, slot_rows,
+        num_pairs, num_slots, num_blocks, pairs_per_program,
+        BLOCK_M=block_m, NUM_BINS=num_bins, CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins), num_warps=num_warps,
+    )
+    return Alignment(sorted_pairs, block_expert, block_rows, slot_start, slot_rows, num_blocks, block_m)
+
+
+def gathered_gemm(x, out, alignment: Alignment, topk, gate, up, shared_gate, shared_up, gated: bool,
+                  tiles: GemmTiles, group_m: int) -> None:
+    """out[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) (gated), or gate_e @ x[token], for every
+    row of the alignment: token = pair // topk, e its slot; weights [E, N, K] and shared [S*N, K]."""
+    num_experts, inter, hidden_size = gate.shape
+    launch_gemm(
+        _gate_up_kernel, (alignment.num_blocks * triton.cdiv(inter, tiles.block_n),),
+        x, out, alignment.sorted_pairs, alignment.block_expert, alignment.block_rows,
+        gate, up, shared_gate, shared_up,
+        alignment.num_blocks, hidden_size, inter, topk, num_experts,
+        *x.stride(), *gate.stride(), *up.stride(), *shared_gate.stride(), *shared_up.stride(), out.stride(0),
+        GATED=gated, BLOCK_M=alignment.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=group_m,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+def scattered_gemm(act, y, alignment: Alignment, down, shared_down, tiles: GemmTiles, group_m: int,
+                   act2=None, down2=None, shared_down2=None) -> None:
+    """y[pair] = down_e @ act[row] (+ down2_e @ act2[row]) for every row of the alignment; weights
+    [E, N, K] and shared [N, S*K]. The slot size along K is act's width."""
+    num_experts, hidden_size, inter = down.shape
+    two_inputs = act2 is not None
+    if not two_inputs:  # never dereferenced
+        act2, down2, shared_down2 = act, down, shared_down
+    launch_gemm(
+        _down_kernel, (alignment.num_blocks * triton.cdiv(hidden_size, tiles.block_n),),
+        act, act2, y, alignment.sorted_pairs, alignment.block_expert, alignment.block_rows,
+        down, down2, shared_down, shared_down2,
+        alignment.num_blocks, hidden_size, inter, num_experts,
+        act.stride(0), *down.stride(), *down2.stride(), *shared_down.stride(), *shared_down2.stride(), y.stride(0),
+        TWO_INPUTS=two_inputs, BLOCK_M=alignment.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        GROUP_M=group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+def combine(y, out, ids, num_experts: int, num_slots: int, weights=None, token_weight=None) -> None:
+    """out[t] = sum over valid j of weights[t, j] (* token_weight[t] on shared slots) * y[t*K + j];
+    an unweighted sum without weights."""
+    tokens, hidden_size = out.shape
+    topk = ids.shape[1]
+    block_topk = triton.next_power_of_2(topk)
+    block_h = min(triton.next_power_of_2(hidden_size), max(128, 8192 // block_topk))
+    _combine_kernel[(tokens, triton.cdiv(hidden_size, block_h))](
+        y, out, ids, ids if weights is None else weights, ids if token_weight is None else token_weight,
+        hidden_size, topk, num_experts, num_slots, y.stride(0), out.stride(0),
+        WEIGHTED=weights is not None, HAS_TOKEN_WEIGHT=token_weight is not None, BLOCK_TOPK=block_topk,
+        BLOCK_H=block_h, num_warps=4,
+    )
+
+
+def on_device(device: torch.device):
+    """Launches go to `device`'s stream (a CPU device here is Triton's interpreter, which the tests use)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def fused_experts_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
                          shared_token_weight, num_shared, config: TileConfig | None = None):
     """Runs the four kernels; the arguments are already checked (ops.experts.check_experts_args).
@@ -310,59 +474,18 @@ def fused_experts_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, s
     out = torch.empty(tokens, hidden_size, dtype=hidden.dtype, device=hidden.device)
     if tokens == 0:
         return out
-    num_pairs = tokens * topk
     num_slots = num_experts + num_shared
-    cfg = config or tile_config(num_pairs, num_slots, hidden.dtype)
-    block_m = cfg.block_m
-    # Each slot's padded segment adds < BLOCK_M rows, and at most min(slots, pairs) slots are active.
-    max_blocks = num_pairs // block_m + min(num_slots, num_pairs)
-    num_bins, chunk, programs, pairs_per_program, align_warps = _align_launch(num_pairs, num_slots)
-
-    device = hidden.device
-    scratch = torch.empty(max_blocks * block_m + 2 * max_blocks + programs * num_bins, dtype=torch.int32,
-                          device=device)
-    sorted_pairs, block_expert, block_rows, cursor = scratch.split(
-        [max_blocks * block_m, max_blocks, max_blocks, programs * num_bins])
-    act = torch.empty(max_blocks * block_m, inter, dtype=hidden.dtype, device=device)
-    y = torch.empty(num_pairs, hidden_size, dtype=hidden.dtype, device=device)
+    cfg = config or tile_config(tokens * topk, num_slots, hidden.dtype)
     ids = topk_ids.contiguous()  # [T, K] is indexed as pairs t*K + j; a no-op for the router's output
-    weights = topk_weights.contiguous()
     if num_shared == 0:  # never dereferenced: no id selects a shared slot
         shared_gate, shared_up, shared_down = w_gate[0], w_up[0], w_down[0]
-    token_weight = weights if shared_token_weight is None else shared_token_weight.contiguous()
-    gate_up, down = cfg.gate_up, cfg.down
-    block_topk = triton.next_power_of_2(topk)
-
-    # (A CPU device here is Triton's interpreter, which the tests use.)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _align_kernel[(programs,)](
-            ids, sorted_pairs, block_expert, block_rows, cursor,
-            num_pairs, num_slots, max_blocks, pairs_per_program,
-            BLOCK_M=block_m, NUM_BINS=num_bins, CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins),
-            num_warps=align_warps,
-        )
-        _gate_up_kernel[(max_blocks * triton.cdiv(inter, gate_up.block_n),)](
-            hidden, act, sorted_pairs, block_expert, block_rows,
-            w_gate, w_up, shared_gate, shared_up,
-            max_blocks, hidden_size, inter, topk, num_experts,
-            *hidden.stride(), *w_gate.stride(), *w_up.stride(), *shared_gate.stride(),
-            *shared_up.stride(), act.stride(0),
-            BLOCK_M=block_m, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k, GROUP_M=cfg.group_m,
-            num_warps=gate_up.num_warps, num_stages=gate_up.num_stages,
-        )
-        _down_kernel[(max_blocks * triton.cdiv(hidden_size, down.block_n),)](
-            act, y, sorted_pairs, block_expert, block_rows,
-            w_down, shared_down,
-            max_blocks, hidden_size, inter, num_experts,
-            act.stride(0), *w_down.stride(), *shared_down.stride(), y.stride(0),
-            BLOCK_M=block_m, BLOCK_N=down.block_n, BLOCK_K=down.block_k, GROUP_M=cfg.group_m,
-            num_warps=down.num_warps, num_stages=down.num_stages,
-        )
-        block_h = min(triton.next_power_of_2(hidden_size), max(128, 8192 // block_topk))
-        _combine_kernel[(tokens, triton.cdiv(hidden_size, block_h))](
-            y, out, ids, weights, token_weight,
-            hidden_size, topk, num_experts, num_slots, y.stride(0), out.stride(0),
-            HAS_TOKEN_WEIGHT=shared_token_weight is not None, BLOCK_TOPK=block_topk, BLOCK_H=block_h,
-            num_warps=4,
-        )
+    with on_device(hidden.device):
+        alignment = align(ids, num_slots, cfg.block_m)
+        act = hidden.new_empty(alignment.num_blocks * cfg.block_m, inter)
+        gathered_gemm(hidden, act, alignment, topk, w_gate, w_up, shared_gate, shared_up, True, cfg.gate_up,
+                      cfg.group_m)
+        y = hidden.new_empty(tokens * topk, hidden_size)
+        scattered_gemm(act, y, alignment, w_down, shared_down, cfg.down, cfg.group_m)
+        token_weight = None if shared_token_weight is None else shared_token_weight.contiguous()
+        combine(y, out, ids, num_experts, num_slots, topk_weights.contiguous(), token_weight)
     return out

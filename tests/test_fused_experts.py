@@ -338,7 +338,7 @@ def test_no_weight_is_copied(device, layout):
 # ------------------------------------------------------------------------------------ CUDA only
 
 
-def _poison_cuda_cache():
+def poison_cuda_cache():
     """Fill the caching allocator's free blocks with NaN, so a row the op never writes shows up."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -355,7 +355,7 @@ def test_cuda_unwritten_memory_never_leaks(dtype, tokens):
     case = make_case(tokens=tokens, hidden_size=96, inter=48, num_experts=60, topk=6, num_shared=2, dtype=dtype,
                      device="cuda", token_weight=True)
     reference = fused_experts_reference(*case.args())
-    _poison_cuda_cache()
+    poison_cuda_cache()
     assert_matches_reference(fused_experts(*case.args()), case, reference)
 
 
@@ -367,8 +367,17 @@ def test_cuda_out_of_range_ids_are_ignored():
     bad[::3, 0], bad[1::3, 1], bad[2::3, 2] = 9, -1, 2**33 + 1  # 2**33 + 1 wraps to 1 as int32
     case = case.replace(topk_ids=bad)
     reference = fused_experts_reference(*case.args())  # leaves out-of-range ids out, like the kernels
-    _poison_cuda_cache()
+    poison_cuda_cache()
     assert_matches_reference(fused_experts(*case.args()), case, reference)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize(("tokens", "topk", "num_slots", "block_m"), [(1, 9, 257, 16), (3000, 9, 257, 64),
+                                                                      (20000, 8, 385, 128)])
+def test_cuda_alignment_is_in_pair_order(tokens, topk, num_slots, block_m):
+    generator = torch.Generator().manual_seed(tokens)
+    check_alignment(torch.randint(-1, num_slots + 1, (tokens, topk), generator=generator).cuda(), num_slots, block_m)
 
 
 @requires_cuda
@@ -413,20 +422,28 @@ def test_cuda_graph_capture_and_replay(tokens):
 # ------------------------------------------------------------------ Triton kernels, interpreted
 
 
-def test_triton_kernels_interpreted():
-    """Runs test_triton_interpreted_body in a subprocess with TRITON_INTERPRET=1 (set before import)."""
+def run_interpreted(test_file: str, test_name: str) -> None:
+    """Runs one test in a subprocess with TRITON_INTERPRET=1 (which must be set before Triton is imported)."""
     pytest.importorskip("triton")
     pytest.importorskip("numpy")  # the interpreter computes with numpy
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "triton_interpreted_body"],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "-k", test_name],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs inside test_triton_kernels_interpreted")
+interpreted_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                      reason="runs inside a test that sets TRITON_INTERPRET=1")
+
+
+def test_triton_kernels_interpreted():
+    run_interpreted(__file__, "test_triton_interpreted_body")
+
+
+@interpreted_only
 def test_triton_interpreted_body():
-    _patch_interpreter_for_numpy_2_4()
+    patch_interpreter_for_numpy_2_4()
     from ops.triton_experts import fused_experts_triton
 
     # The interpreter has no bfloat16 tl.dot (it multiplies the raw bits), so float32 and float16 only.
@@ -444,6 +461,10 @@ def test_triton_interpreted_body():
         num_shared = 0 if case.shared_gate is None else case.shared_gate.shape[0] // case.w_gate.shape[1]
         assert_matches_reference(fused_experts_triton(*case.args(), num_shared), case)
 
+    for tokens, topk, num_slots in ((1, 3, 5), (700, 4, 9), (1100, 2, 3)):  # 2800, 2200 pairs: two programs
+        check_alignment(torch.randint(-1, num_slots + 1, (tokens, topk), generator=torch.Generator().manual_seed(0)),
+                        num_slots, block_m=16)
+
     # Out-of-range ids (including int64 values that wrap to valid int32 ones) contribute nothing.
     bad = cases[0].topk_ids.clone()
     bad[0, 0], bad[1, 1], bad[2, 2] = 6, -3, 2**32 + 1
@@ -451,7 +472,27 @@ def test_triton_interpreted_body():
     assert_matches_reference(fused_experts_triton(*case.args(), 2), case)
 
 
-def _patch_interpreter_for_numpy_2_4():
+def check_alignment(ids: torch.Tensor, num_slots: int, block_m: int) -> None:
+    """ops.triton_experts.align: each slot's segment holds its pairs in pair order, padded to block_m rows
+    and described by the block table; out-of-range ids are left out."""
+    from ops.triton_experts import align
+
+    alignment = align(ids.contiguous(), num_slots, block_m)
+    flat = ids.reshape(-1).cpu()
+    block_expert, block_rows = alignment.block_expert.cpu(), alignment.block_rows.cpu()
+    row = 0
+    for slot in range(num_slots):
+        pairs = (flat == slot).nonzero().flatten().int()
+        assert alignment.slot_start[slot] == row and alignment.slot_rows[slot] == len(pairs), slot
+        assert torch.equal(alignment.sorted_pairs[row:row + len(pairs)].cpu(), pairs), slot
+        blocks = range(row // block_m, (row + len(pairs) + block_m - 1) // block_m)
+        assert all(block_expert[b] == slot for b in blocks), slot
+        assert block_rows[list(blocks)].sum() == len(pairs), slot
+        row += len(blocks) * block_m
+    assert (block_expert[row // block_m:] == -1).all()
+
+
+def patch_interpreter_for_numpy_2_4():
     """Triton 3.6's interpreter calls int() on 1-element arrays, an error since numpy 2.4
     (triton-lang/triton#9171); index through .item() instead."""
     import triton.runtime.interpreter as interpreter
@@ -463,3 +504,32 @@ def _patch_interpreter_for_numpy_2_4():
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
     interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+def test_launch_gemm_steps_down_the_pipeline_until_it_fits():
+    """A launch whose stages do not fit in shared memory is retried with fewer; the depth is remembered."""
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    from ops.triton_experts import launch_gemm
+
+    class Kernel:
+        """Records launches like a Triton kernel; more than `fits` stages of 100 KB overflow a 228 KB SM."""
+
+        def __init__(self, fits):
+            self.fits, self.launches = fits, []
+
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **meta):
+                self.launches.append(num_stages)
+                if num_stages > self.fits:
+                    raise OutOfResources(num_stages * 100_000, 228_000, "shared memory")
+
+            return run
+
+    kernel = Kernel(fits=2)
+    launch_gemm(kernel, (1,), "arg", num_stages=4, BLOCK=64)
+    launch_gemm(kernel, (1,), "arg", num_stages=4, BLOCK=64)
+    assert kernel.launches == [4, 3, 2, 2]
+    with pytest.raises(OutOfResources):
+        launch_gemm(Kernel(fits=0), (1,), num_stages=2, BLOCK=32)

@@ -1,0 +1,81 @@
+"""Every Triton kernel of fused_experts (forward and backward) compiles for sm_90 on any machine.
+
+Triton's interpreter (the CPU tests of the kernels) runs kernels as Python and accepts programs the
+compiler rejects (a global that is not a tl.constexpr, an operand of the wrong type); compiling to
+PTX/cubin for an H100/H200 target needs no GPU, so a machine without one catches those too. Each
+launch configuration is compiled: every row of the tile tables, both dtypes, every flag combination.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ops import triton_experts as forward  # noqa: E402
+from ops import triton_experts_backward as backward  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+INT32_POINTERS = {"sorted_pairs_ptr", "block_expert_ptr", "block_rows_ptr", "slot_start_ptr", "slot_rows_ptr",
+                  "scratch_ptr"}
+FLOAT32_POINTERS = {"dp_part_ptr", "pair_weight_ptr", "row_scale_ptr", "weights_ptr", "token_weight_ptr"}
+
+
+def compile_for_hopper(kernel, dtype: str, num_warps: int, num_stages: int = 1, ids: str = "*i32", **constexprs):
+    """Compiles `kernel` with pointers of `dtype` (float data), int32 / float32 where the kernel's
+    argument names say so, `ids` for the router's ids, and integer scalars."""
+
+    def type_of(name):
+        if name in constexprs:
+            return "constexpr"
+        if not name.endswith("_ptr"):
+            return "i32"
+        if name == "ids_ptr":
+            return ids
+        return "*i32" if name in INT32_POINTERS else "*fp32" if name in FLOAT32_POINTERS else dtype
+
+    signature = {name: type_of(name) for name in kernel.arg_names}
+    triton.compile(ASTSource(kernel, signature, constexprs), target=HOPPER,
+                   options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+TABLES = {"*bf16": forward._TILES_16BIT, "*fp32": forward._TILES_FP32}
+
+
+@pytest.mark.parametrize("dtype", sorted(TABLES))
+def test_gemm_kernels_compile_for_every_tile_row(dtype):
+    for _, block_m, group_m, gate_up, down in TABLES[dtype]:
+        common = dict(BLOCK_M=block_m, GROUP_M=group_m)
+        gate_up_meta = dict(common, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k)
+        for gated in (True, False):
+            compile_for_hopper(forward._gate_up_kernel, dtype, gate_up.num_warps, gate_up.num_stages, GATED=gated,
+                               **gate_up_meta)
+        compile_for_hopper(backward._gate_up_backward_kernel, dtype, gate_up.num_warps, gate_up.num_stages,
+                           **gate_up_meta)
+        for two_inputs in (True, False):
+            compile_for_hopper(forward._down_kernel, dtype, down.num_warps, down.num_stages, TWO_INPUTS=two_inputs,
+                               BLOCK_N=down.block_n, BLOCK_K=down.block_k, **common)
+
+
+@pytest.mark.parametrize("dtype", sorted(TABLES))
+def test_weight_gradient_kernel_compiles(dtype):
+    tiles = backward._WEIGHT_GRAD_TILES_FP32 if dtype == "*fp32" else backward._WEIGHT_GRAD_TILES_16BIT
+    meta = dict(BLOCK_N1=tiles.block_n1, BLOCK_N2=tiles.block_n2, BLOCK_R=tiles.block_r)
+    # The two uses: gate/up (two accumulators, x gathered) and down (scaled upstream gradient gathered).
+    for two, scaled in ((True, False), (False, True)):
+        compile_for_hopper(backward._weight_grad_kernel, dtype, tiles.num_warps, tiles.num_stages, A_GATHERED=scaled,
+                           B_GATHERED=two, SCALED=scaled, TWO=two, SLOT_ALONG_N2=scaled, **meta)
+
+
+@pytest.mark.parametrize("ids", ["*i32", "*i64"])
+def test_alignment_and_combine_kernels_compile(ids):
+    for num_pairs, num_slots in ((9, 257), (147456, 257), (4096, 513)):
+        num_bins, chunk, _, _, num_warps = forward._align_launch(num_pairs, num_slots)
+        compile_for_hopper(forward._align_kernel, "*i32", num_warps, ids=ids, BLOCK_M=64, NUM_BINS=num_bins,
+                           CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins))
+    for weighted in (True, False):
+        compile_for_hopper(forward._combine_kernel, "*bf16", 4, ids=ids, WEIGHTED=weighted, HAS_TOKEN_WEIGHT=weighted,
+                           BLOCK_TOPK=16, BLOCK_H=512)
