@@ -169,10 +169,13 @@ class GraphBuilder:
             node.meta["val"] = target(*_values(args), **(kwargs or {}))
         return node
 
+    def sizes(self, shape_sources: list) -> list[int | Node]:
+        """`shape_sources` (see size_sources) as a size-list argument; symbolic sizes read with aten.sym_size."""
+        return [s if isinstance(s, int) else self.call(aten.sym_size.int, s) for s in shape_sources]
+
     def reshape_like(self, tensor: Node, shape_sources: list) -> Node:
-        """tensor reshaped to `shape_sources` (see size_sources); sizes read with aten.sym_size."""
-        sizes = [s if isinstance(s, int) else self.call(aten.sym_size.int, s) for s in shape_sources]
-        return self.call(aten.reshape.default, (tensor, sizes))
+        """tensor reshaped to `shape_sources` (see size_sources)."""
+        return self.call(aten.reshape.default, (tensor, self.sizes(shape_sources)))
 
     def conform(self, tensor: Node, target: torch.Tensor, shape_sources: list | None) -> Node:
         """tensor in the shape and dtype of `target` (shape_sources from size_sources when they differ)."""

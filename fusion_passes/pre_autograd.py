@@ -9,22 +9,27 @@ rewrites read after grad), runs the rewrites there, and hands the rewritten modu
 whose AOT autograd then differentiates the fused ops through their registered backwards
 (``ops/gate_autograd.py``, ``ops/experts_autograd.py``).
 
-Graphs without a top-k (no routing to rewrite) are compiled as they are, without the export. For
-now only graphs with static shapes take this path (a Dynamo graph with symbolic sizes would need
-export's dynamic shapes built from Dynamo's symbols); the others, and graphs export cannot trace,
-keep the post-grad path, and the report says why.
+Graphs without a top-k (no routing to rewrite) are compiled as they are, without the export.
+Dynamic shapes: every size Dynamo made symbolic (a marked dimension, or one automatic dynamic shapes
+made symbolic on a recompile) is exported symbolic too (``Dim.AUTO``, symbolic size inputs as
+integers), and the rewrites write symbolic sizes as ``aten.sym_size`` reads, never as export's
+symbols, so Inductor can retrace the module against Dynamo's. If export made such a size a constant
+the graph keeps the post-grad path, as do graphs export cannot trace and graphs with inputs export
+does not take (Dynamo's symbolic floats, ``dynamic=True``); the report says why.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.export import Dim
 from torch.fx import Graph, GraphModule
 
-from .graph_utils import GraphBuilder, aten, fake, prims
+from .graph_utils import GraphBuilder, aten, fake, prims, size_sources
 from .report import GraphReport, Refusal, collector
 
 PASS_NAME = "before_autograd"
@@ -47,25 +52,81 @@ def rewrite_before_autograd(gm: GraphModule, example_inputs: list[Any],
     returns the rewritten graph as a module taking and returning what `gm` does."""
     if not _has_topk(gm):  # no routing (every spelling ends in a top-k): spare the export
         return BeforeAutograd(None, GraphReport(collector.next_index()), False)
-    if not all(type(x) in (torch.Tensor, torch.nn.Parameter) for x in example_inputs):
-        return BeforeAutograd(None, _refused("the graph has symbolic sizes or non-tensor inputs (dynamic shapes): "
-                                             "it is rewritten after autograd only, where the routing is saved for "
-                                             "the backward"), True)
+    # Outside Dynamo's tracing context: export would otherwise trace in Dynamo's fake mode and add its
+    # own symbols and guards to the shape environment whose guards protect this graph; the rewrites
+    # then compute in export's fake mode.
+    with torch._guards.tracing(None):
+        program = _export(gm, example_inputs)
+        if isinstance(program, str):
+            return BeforeAutograd(None, _refused(f"{program}; it is rewritten after autograd only, where the "
+                                                 "routing is saved for the backward"), True)
+        graph = program.graph_module.graph
+        report = run_rewrites(graph)
+        if not report.rewrites:
+            return BeforeAutograd(None, report, False)
+        _make_differentiable(graph)
+        program.graph_module.recompile()
+        return BeforeAutograd(_plain_module(program.module()), report, False)
+
+
+def _export(gm: GraphModule, example_inputs: list[Any]) -> torch.export.ExportedProgram | str:
+    """`gm` as functional ATen with Inductor's decompositions, its symbolic sizes kept symbolic; or why not."""
+    inputs = _export_inputs(gm, example_inputs)
+    if isinstance(inputs, str):
+        return inputs
+    args, dynamic_shapes = inputs
+    # Dynamo's modules take `*args`: the dynamic shapes of that one parameter are the tuple.
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(gm.forward).parameters.values())
     try:
         from torch._inductor.decomposition import select_decomp_table
 
-        program = torch.export.export(gm, tuple(example_inputs), strict=False)
+        program = torch.export.export(gm, args, dynamic_shapes=(dynamic_shapes,) if varargs else dynamic_shapes,
+                                      strict=False)
         program = program.run_decompositions(select_decomp_table())
     except Exception as err:  # export cannot trace every graph; the post-grad path still can
-        return BeforeAutograd(None, _refused(f"torch.export could not trace the graph ({type(err).__name__}: "
-                                             f"{err}); it is rewritten after autograd only"), True)
-    graph = program.graph_module.graph
-    report = run_rewrites(graph)
-    if not report.rewrites:
-        return BeforeAutograd(None, report, False)
-    _make_differentiable(graph)
-    program.graph_module.recompile()
-    return BeforeAutograd(_plain_module(program.module()), report, False)
+        return f"torch.export could not trace the graph ({type(err).__name__}: {err})"
+    specialised = _specialised_sizes(program, dynamic_shapes)
+    if specialised:
+        return f"torch.export made sizes constant that Dynamo keeps symbolic ({specialised})"
+    return program
+
+
+def _export_inputs(gm: GraphModule, example_inputs: list[Any]) -> tuple[tuple, tuple] | str:
+    """torch.export's arguments for Dynamo's graph: the example values (a symbolic size input as its
+    current value) and dynamic shapes that keep every size Dynamo made symbolic symbolic (Dim.AUTO:
+    export relates them as the graph does); or why the graph cannot be exported."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    args, dynamic_shapes = [], []
+    for node, value in zip(placeholders, example_inputs, strict=True):
+        traced = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt):
+            args.append(value.node.hint)
+            dynamic_shapes.append(Dim.AUTO)
+        elif isinstance(value, torch.Tensor) and isinstance(traced, torch.Tensor):
+            args.append(value)
+            symbolic = {dim: Dim.AUTO for dim, size in enumerate(traced.shape) if not isinstance(size, int)}
+            dynamic_shapes.append(symbolic or None)
+        else:
+            return f"the graph has an input of type {type(value).__name__} ({node.name}) that export does not take"
+    return tuple(args), tuple(dynamic_shapes)
+
+
+def _specialised_sizes(program: torch.export.ExportedProgram, dynamic_shapes: tuple) -> str:
+    """The inputs' sizes marked dynamic that the exported program made constants (export specialises a
+    size when the graph's code needs it, where Dynamo would have guarded on it instead), as text."""
+    from torch.export.graph_signature import ConstantArgument, InputKind
+
+    values = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
+    user_inputs = [spec.arg for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
+    specialised = []
+    for position, (arg, dims) in enumerate(zip(user_inputs, dynamic_shapes, strict=True)):
+        value = arg.value if isinstance(arg, ConstantArgument) else values[arg.name]
+        if dims is Dim.AUTO and isinstance(value, int):
+            specialised.append(f"input {position} = {value}")
+        elif isinstance(dims, dict):
+            specialised += [f"input {position} size({dim}) = {value.shape[dim]}" for dim in dims
+                            if isinstance(value.shape[dim], int)]
+    return ", ".join(specialised)
 
 
 def _has_topk(gm: GraphModule) -> bool:
@@ -104,8 +165,11 @@ def _make_differentiable(graph: Graph) -> None:
                 source, dtype = node.args[:2]
                 value = build.call(aten._to_copy.default, (source,), {"dtype": dtype})
             else:
+                destination, source = node.args[:2]
                 out = fake(node)
-                converted = build.call(aten._to_copy.default, (node.args[1],), {"dtype": out.dtype})
-                value = build.call(aten.clone.default, (build.call(aten.expand.default, (converted, list(out.shape))),))
+                converted = build.call(aten._to_copy.default, (source,), {"dtype": out.dtype})
+                # Symbolic sizes are read from the destination (same shape), never written as export's symbols.
+                sizes = build.sizes(size_sources(out.shape, [destination]))
+                value = build.call(aten.clone.default, (build.call(aten.expand.default, (converted, sizes)),))
         node.replace_all_uses_with(value)
         graph.erase_node(node)

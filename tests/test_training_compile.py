@@ -59,23 +59,61 @@ def test_training_step_runs_the_fused_ops_and_matches_eager(kind, experts_implem
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_dynamic_training_graphs_keep_the_post_grad_path_and_say_why():
+@pytest.mark.parametrize("how", ["marked", "automatic"])
+def test_dynamic_training_graphs_are_rewritten_before_autograd(how):
+    """A token count marked dynamic (or made dynamic by Dynamo's recompile on a new length): one
+    compile serves every length, with the fused ops in forward and backward, and each step is eager's."""
     pytest.importorskip("transformers")
     from fusion_passes.hf_examples import tiny_hf_moe
 
     model = tiny_hf_moe("deepseek_v3").train()
-    tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
-    eager_loss, eager_grads = _loss_and_grads(model, tokens)
-    torch._dynamo.mark_dynamic(tokens, 1)
+    layers = model.config.num_hidden_layers
     compiled = _compile(model)
+    lengths = (9, 13, 6, 11)
     with no_compile_caches():
-        loss, grads = _loss_and_grads(compiled, tokens)
-    report = collector.take()
-    assert any(r.pass_name == "before_autograd" and "dynamic shapes" in r.reason for r in report.refusals)
-    assert report.count("experts") == 0
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        for step, length in enumerate(lengths):
+            tokens = torch.randint(0, model.config.vocab_size, (2, length),
+                                   generator=torch.Generator().manual_seed(length))
+            if how == "marked" and step == 0:  # the compiled graph is dynamic from then on
+                torch._dynamo.mark_dynamic(tokens, 1)
+            eager_loss, eager_grads = _loss_and_grads(model, tokens)
+            loss, grads = _loss_and_grads(compiled, tokens)
+            report = collector.take()
+            assert not report.refusals, [r.reason for r in report.refusals]
+            # Marked: the first step compiles the dynamic graph; automatic: the second one recompiles.
+            compiles_now = step == 0 or (how == "automatic" and step == 1)
+            assert report.count("experts") == (layers if compiles_now else 0), (step, report.tally())
+            torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        calls = fused_op_calls(_loss_and_grads, compiled, tokens)
+    assert calls == {GATE: layers, EXPERTS: layers, EXPERTS_BACKWARD: layers}
+
+
+def test_export_that_makes_a_dynamic_size_constant_is_refused(monkeypatch):
+    """If export traced a size Dynamo keeps symbolic as a constant, the rewritten graph would be wrong
+    for other sizes: the graph keeps the post-grad path instead, and says why."""
+    real_export = torch.export.export
+
+    def static_export(module, args, dynamic_shapes=None, **kwargs):
+        return real_export(module, args, **kwargs)  # ignores the dynamic shapes: every size constant
+
+    monkeypatch.setattr(torch.export, "export", static_export)
+    block = HandWrittenBlock().train()
+    compiled = _compile(block)
+    with no_compile_caches():
+        for tokens in (5, 7):
+            x = torch.randn(2, tokens, block.cfg.hidden_size, generator=torch.Generator().manual_seed(tokens))
+            if tokens == 5:
+                torch._dynamo.mark_dynamic(x, 1)
+            eager = block(x).square().mean()
+            loss = compiled(x).square().mean()
+            torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-7)
+            if tokens == 5:
+                report = collector.take()
+                assert any(r.pass_name == "before_autograd" and "made sizes constant" in r.reason
+                           for r in report.refusals), [r.reason for r in report.refusals]
+                assert report.count("experts") == 0
 
 
 @pytest.mark.parametrize("variant", ["plain", "gated_shared", "scaled_output"])
