@@ -1,6 +1,7 @@
 """The torch.compile backend ("moe_fusion") and the Inductor post-grad pass that runs the rewrites.
 
-Graphs that need gradients are rewritten before autograd instead (pre_autograd.py) when they can be.
+Graphs that need gradients are rewritten before autograd instead (pre_autograd.py) when they can be:
+by the backend before Inductor, or by ``BeforeAutogradPass``, install()'s pre-grad pass.
 Inductor takes one post-grad custom pass (torch 2.11 / 2.12), so ``FusionPass`` runs the enabled
 rewrites in order and then any pass that was already configured. Its ``uuid()`` hashes the pass
 sources and the enabled rewrites: Inductor's FX graph cache keys on it, so a cached graph is reused
@@ -19,9 +20,9 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from .report import GraphReport, Refusal, collector, logger, op_counts
 from .experts import rewrite_experts
-from .pre_autograd import needs_gradients, rewrite_before_autograd
+from .pre_autograd import needs_gradients, placeholder_examples, replace_graph, rewrite_before_autograd
+from .report import GraphReport, Refusal, collector, logger, op_counts
 from .routing import rewrite_routing
 from .shared_experts import rewrite_shared_experts
 
@@ -125,7 +126,8 @@ def make_backend(rewrites: Sequence[str] | None = None, *, fuse_experts_on_cpu: 
         patches = _mode_and_option_patches(mode, options)
         configured = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
         if needs_gradients(example_inputs):  # a training graph: rewrite before autograd (pre_autograd.py)
-            before = rewrite_before_autograd(gm, example_inputs, lambda graph: run_rewrites(graph, names, fusion_options))
+            before = rewrite_before_autograd(gm, example_inputs,
+                                             lambda graph: run_rewrites(graph, names, fusion_options))
             collector.add(before.report)
             if not before.after_autograd:
                 patches["post_grad_custom_post_pass"] = configured
@@ -139,16 +141,36 @@ def make_backend(rewrites: Sequence[str] | None = None, *, fuse_experts_on_cpu: 
 backend = make_backend()
 
 
-def install(rewrites: Sequence[str] | None = None, *, fuse_experts_on_cpu: bool = False) -> Callable[[], None]:
-    """Adds the rewrites to the default "inductor" backend, for code that calls plain torch.compile.
+class BeforeAutogradPass(FusionPass):
+    """install()'s pre-grad pass: rewrites the graphs of training compiles before autograd, in place
+    (pre_autograd.py; the backend does the same before handing the graph to Inductor). Graphs that do
+    not need gradients, or that cannot be rewritten there, are left to the post-grad pass."""
 
-    Returns a function that restores the previous post-grad pass.
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        module = graph.owning_module
+        examples = placeholder_examples(module)
+        if needs_gradients(examples):
+            before = rewrite_before_autograd(module, examples, lambda g: run_rewrites(g, self.rewrites, self.options))
+            collector.add(before.report)
+            if before.module is not None:
+                replace_graph(module, before.module)
+        if self.chained is not None:
+            self.chained(graph)
+
+
+def install(rewrites: Sequence[str] | None = None, *, fuse_experts_on_cpu: bool = False) -> Callable[[], None]:
+    """Adds the rewrites to the default "inductor" backend, for code that calls plain torch.compile:
+    as Inductor's pre-grad pass for training graphs (rewritten before autograd) and as its post-grad
+    pass for the others.
+
+    Returns a function that restores the previous passes.
     """
-    previous = inductor_config.post_grad_custom_post_pass
-    inductor_config.post_grad_custom_post_pass = FusionPass(rewrites, chained=previous,
-                                                            options=FusionOptions(fuse_experts_on_cpu))
+    options = FusionOptions(fuse_experts_on_cpu)
+    previous = inductor_config.pre_grad_custom_pass, inductor_config.post_grad_custom_post_pass
+    inductor_config.pre_grad_custom_pass = BeforeAutogradPass(rewrites, chained=previous[0], options=options)
+    inductor_config.post_grad_custom_post_pass = FusionPass(rewrites, chained=previous[1], options=options)
 
     def uninstall() -> None:
-        inductor_config.post_grad_custom_post_pass = previous
+        inductor_config.pre_grad_custom_pass, inductor_config.post_grad_custom_post_pass = previous
 
     return uninstall

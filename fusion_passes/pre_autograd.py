@@ -7,7 +7,9 @@ backwards are never used. For such graphs the backend rewrites first: it exports
 functional ATen (``torch.export``, non-strict, then Inductor's decompositions: the op set the
 rewrites read after grad), runs the rewrites there, and hands the rewritten module to Inductor,
 whose AOT autograd then differentiates the fused ops through their registered backwards
-(``ops/gate_autograd.py``, ``ops/experts_autograd.py``).
+(``ops/gate_autograd.py``, ``ops/experts_autograd.py``). With ``install()`` (plain torch.compile)
+Inductor's pre-grad pass does the same and puts the rewritten graph in place of Dynamo's
+(``placeholder_examples``, ``replace_graph``).
 
 Graphs without a top-k (no routing to rewrite) are compiled as they are, without the export.
 Dynamic shapes: every size Dynamo made symbolic (a marked dimension, or one automatic dynamic shapes
@@ -26,8 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from torch.fx import Graph, GraphModule
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.fx.graph_module import _copy_attr
 
 from .graph_utils import GraphBuilder, aten, fake, prims, size_sources
 from .report import GraphReport, Refusal, collector
@@ -67,6 +72,42 @@ def rewrite_before_autograd(gm: GraphModule, example_inputs: list[Any],
         _make_differentiable(graph)
         program.graph_module.recompile()
         return BeforeAutograd(_plain_module(program.module()), report, False)
+
+
+def placeholder_examples(gm: GraphModule) -> list[Any]:
+    """Example inputs for `rewrite_before_autograd` where only the graph is at hand (Inductor's pre-grad
+    pass): tensors in a fresh fake mode (no memory, none of Dynamo's symbols) of the sizes Dynamo traced
+    with, symbolic size inputs as Dynamo's SymInts (rewrite_before_autograd reads their values)."""
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    examples = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        traced = node.meta.get("example_value")
+        if isinstance(traced, torch.Tensor):
+            sizes = [size.node.hint if isinstance(size, torch.SymInt) else size for size in traced.shape]
+            with mode:
+                example = torch.empty(sizes, dtype=traced.dtype, device=traced.device)
+            traced = example.requires_grad_(traced.requires_grad)
+        examples.append(traced)
+    return examples
+
+
+def replace_graph(gm: GraphModule, module: GraphModule) -> None:
+    """Makes `gm` compute `module` (same inputs and outputs) in place: its nodes, and the attributes
+    they read, become `module`'s; the placeholders stay."""
+    graph = gm.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    for node in reversed(list(graph.nodes)):
+        if node.op != "placeholder":
+            graph.erase_node(node)
+    inputs = [node for node in module.graph.nodes if node.op == "placeholder"]
+    value_map = dict(zip(inputs, placeholders, strict=True))
+    graph.output(graph.graph_copy(module.graph, value_map))  # appended after the placeholders
+    for node in module.graph.nodes:
+        if node.op == "get_attr":
+            _copy_attr(module, gm, node.target)
+    gm.recompile()
 
 
 def _export(gm: GraphModule, example_inputs: list[Any]) -> torch.export.ExportedProgram | str:

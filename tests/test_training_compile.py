@@ -146,6 +146,61 @@ def test_hand_written_block_gradients_reach_inputs_and_every_weight(variant):
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("model_kind", ["hand_written", "hf_deepseek_v3"])
+def test_install_rewrites_training_graphs_before_autograd(model_kind):
+    """install() (plain torch.compile, default backend): training graphs are rewritten by Inductor's
+    pre-grad pass, with the fused ops in forward and backward, at two lengths (the second one
+    recompiles with a dynamic length); uninstall() restores both of Inductor's passes."""
+    from torch._inductor import config as inductor_config
+
+    if model_kind == "hf_deepseek_v3":
+        pytest.importorskip("transformers")
+        from fusion_passes.hf_examples import tiny_hf_moe
+
+        model = tiny_hf_moe("deepseek_v3").train()
+        layers = model.config.num_hidden_layers
+
+        def inputs(length):
+            return torch.randint(0, model.config.vocab_size, (2, length),
+                                 generator=torch.Generator().manual_seed(length))
+
+        run = _loss_and_grads
+    else:
+        model, layers = HandWrittenBlock().train(), 1
+
+        def inputs(length):
+            return torch.randn(2, length, model.cfg.hidden_size, generator=torch.Generator().manual_seed(length))
+
+        def run(module, x):
+            module.zero_grad()
+            loss = module(x).square().mean()
+            loss.backward()
+            return loss.detach(), {name.removeprefix("_orig_mod."): p.grad.clone()
+                                   for name, p in module.named_parameters() if p.grad is not None}
+
+    passes_before = inductor_config.pre_grad_custom_pass, inductor_config.post_grad_custom_post_pass
+    uninstall = fusion_passes.install(fuse_experts_on_cpu=True)
+    try:
+        torch._dynamo.reset()
+        collector.take()
+        compiled = torch.compile(model)
+        with no_compile_caches():
+            for length in (7, 10):
+                eager_loss, eager_grads = run(model, inputs(length))
+                loss, grads = run(compiled, inputs(length))
+                report = collector.take()
+                assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [layers] * 3
+                torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+                assert grads.keys() == eager_grads.keys()
+                for name, grad in grads.items():
+                    torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+            calls = fused_op_calls(run, compiled, inputs(10))
+        assert calls == {GATE: layers, EXPERTS: layers, EXPERTS_BACKWARD: layers}
+    finally:
+        uninstall()
+    assert (inductor_config.pre_grad_custom_pass, inductor_config.post_grad_custom_post_pass) == passes_before
+
+
 def test_graphs_export_cannot_trace_keep_the_post_grad_path(monkeypatch):
     def failing_export(*args, **kwargs):
         raise RuntimeError("no export for this graph")
