@@ -66,6 +66,10 @@ def rewrite_before_autograd(gm: GraphModule, example_inputs: list[Any],
             return BeforeAutograd(None, _refused(f"{program}; it is rewritten after autograd only, where the "
                                                  "routing is saved for the backward"), True)
         graph = program.graph_module.graph
+        # Export's dtype assertions have side effects: they would keep alive what the rewrites leave
+        # dead (Inductor drops them anyway).
+        for node in graph.find_nodes(op="call_function", target=aten._assert_tensor_metadata.default):
+            graph.erase_node(node)
         report = run_rewrites(graph)
         if not report.rewrites:
             return BeforeAutograd(None, report, False)
