@@ -13,6 +13,7 @@ graphs (steps of milliseconds are not launch-bound). Before timing, both compile
 are compared with eager's.
 
     python benchmarks/bench_train.py                       # T = 512, 4096, 16384 tokens per step
+    python benchmarks/bench_train.py --profile             # and the top kernels of a moe_fusion step
     python benchmarks/bench_train.py --device cpu --tiny   # a few seconds: checks the script runs
 """
 
@@ -39,14 +40,16 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def make_step(module):
-    """A training step: forward, mean-square loss, backward; returns the loss."""
+def make_step(module, backward: bool = True):
+    """A training step: forward, mean-square loss, backward; returns the loss. Without `backward`, the
+    step's forward alone (autograd records it, so it saves what the backward needs)."""
 
     def step(x):
         module.zero_grad(set_to_none=True)
         x.grad = None
         loss = module(x).float().square().mean()
-        loss.backward()
+        if backward:
+            loss.backward()
         return loss
 
     return step
@@ -91,10 +94,22 @@ def time_step_us(step, inputs, iters: int, device: str) -> float:
     return statistics.median(samples)
 
 
+def print_top_kernels(step, x, device: str, count: int = 15) -> None:
+    """The kernels (or CPU ops) that take the most time in one step, from the profiler."""
+    activity = torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU
+    step(x)
+    with torch.profiler.profile(activities=[activity]) as profile:
+        step(x)
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"\nmoe_fusion step at T={x.shape[1]}, the {count} most expensive kernels:")
+    print(profile.key_averages().table(sort_by=sort_by, row_limit=count, max_name_column_width=70))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the tiny test config (checks that the script runs)")
+    parser.add_argument("--profile", action="store_true", help="also print the top kernels of a moe_fusion step")
     args = parser.parse_args()
     sizes = TINY_SIZES if args.tiny else TP8
     token_counts = TINY_TOKENS if args.tiny else TOKENS
@@ -106,8 +121,9 @@ def main() -> None:
     hidden = model.config.hidden_size
     backend_options = dict(fuse_experts_on_cpu=True) if args.device == "cpu" else {}
     backends = {"inductor": "inductor", "moe_fusion": fusion_passes.make_backend(**backend_options)}
-    steps = {name: make_step(torch.compile(block, backend=backend, dynamic=False))
-             for name, backend in backends.items()}
+    compiled = {name: torch.compile(block, backend=backend, dynamic=False) for name, backend in backends.items()}
+    steps = {name: make_step(module) for name, module in compiled.items()}
+    forwards = {name: make_step(module, backward=False) for name, module in compiled.items()}
 
     def inputs(tokens, copies):
         generator = torch.Generator(args.device).manual_seed(tokens)
@@ -120,19 +136,25 @@ def main() -> None:
     for tokens in token_counts:
         log(f"timing T={tokens} (compiling when new) ...")
         xs = inputs(tokens, 2)
-        times = {name: time_step_us(step, xs, iters=3 if args.tiny else 10, device=args.device)
-                 for name, step in steps.items()}
-        rows.append(f"| {tokens} | {times['inductor']:.1f} | {times['moe_fusion']:.1f} | "
-                    f"{times['inductor'] / times['moe_fusion']:.2f}x |")
+        iters = 3 if args.tiny else 10
+        step = {name: time_step_us(run, xs, iters, args.device) for name, run in steps.items()}
+        forward = {name: time_step_us(run, xs, iters, args.device) for name, run in forwards.items()}
+        backward = {name: step[name] - forward[name] for name in step}
+        rows.append(" | ".join([f"| {tokens}", *(f"{t['inductor']:.1f} | {t['moe_fusion']:.1f} | "
+                                                f"{t['inductor'] / t['moe_fusion']:.2f}x" for t in (step, forward, backward))])
+                    + " |")
         print(rows[-1], flush=True)
     print(f"moe_fusion on the training step: {collector.take().tally()}")
+    if args.profile:
+        print_top_kernels(steps["moe_fusion"], inputs(token_counts[-1], 1)[0], args.device)
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"\n{device_name}, torch {torch.__version__}, DeepseekV3 MoE block "
           f"({'tiny' if args.tiny else 'TP8 per-GPU sizes'}), {str(dtype).removeprefix('torch.')}, "
-          "forward + backward, median per step")
-    print("| T | torch.compile default (us) | moe_fusion (us) | speedup |")
-    print("|---|---|---|---|")
+          "median per step; backward = step - forward")
+    print("| T | step: default (us) | moe_fusion (us) | speedup | forward: default | moe_fusion | speedup "
+          "| backward: default | moe_fusion | speedup |")
+    print("|---" * 10 + "|")
     print("\n".join(rows))
 
 
