@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICES, requires_cuda
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_fused_experts import (
     Case,
     interpreted_only,
@@ -128,6 +130,31 @@ def test_grads_match_float64_reference(device, dtype, layout, name):
                      dtype=dtype, device=device, layout="torchtitan", weights_dtype=weights_dtype,
                      token_weight=token_weight, seed=len(name))
     check_grads(case, layout)
+
+
+@st.composite
+def grad_configurations(draw, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
+    """make_case's arguments (T = 1 or odd; E up to 60; K up to 8, repeating ids when K > E; S = 0..2;
+    H and I off the tile sizes; every layout, dtype and ids dtype) and the leaves' layout. T = 0 has
+    its own test (every gradient zero)."""
+    num_shared = draw(st.sampled_from([0, 1, 2]))
+    arguments = dict(
+        tokens=draw(st.sampled_from([1, 5, 33])), hidden_size=draw(st.sampled_from([24, 40, 64])),
+        inter=draw(st.sampled_from([8, 24, 48])), num_experts=draw(st.sampled_from([1, 3, 8, 60])),
+        topk=draw(st.sampled_from([1, 2, 6, 8])), num_shared=num_shared, dtype=draw(st.sampled_from(dtypes)),
+        layout=draw(st.sampled_from(["hf", "torchtitan", "transposed"])),
+        ids_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        weights_dtype=draw(st.sampled_from([torch.float32, None])),
+        token_weight=num_shared > 0 and draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+    return arguments, draw(st.sampled_from(LAYOUTS))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=40)
+@given(configuration=grad_configurations())
+def test_grads_match_float64_reference_over_configurations(device, configuration):
+    arguments, layout = configuration
+    check_grads(make_case(**arguments, device=device), layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -313,6 +340,9 @@ def test_triton_backward_interpreted_body(monkeypatch):
     for case, layout in cases:
         check_grads(case, layout)
     test_out_of_range_ids_add_nothing_and_get_zero_gradient("cpu")
+    # The configuration space (no bfloat16: see above).
+    settings(max_examples=15)(given(configuration=grad_configurations(dtypes=(torch.float32, torch.float16)))(
+        lambda configuration: check_grads(make_case(**configuration[0]), configuration[1])))()
 
 
 def _backward_case(tokens, dtype=torch.bfloat16, **sizes):
