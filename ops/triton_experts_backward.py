@@ -204,7 +204,8 @@ def experts_grads_triton(grad_out, hidden, topk_ids, pair_weight, weights, num_s
     num_slots = num_experts + num_shared
     num_pairs = tokens * topk
     ids = topk_ids.contiguous()
-    grad_out = grad_out.contiguous()
+    # The weight-gradient kernel reads rows of hidden and grad_out with unit column stride.
+    hidden, grad_out = hidden.contiguous(), grad_out.contiguous()
     if num_shared == 0:  # never dereferenced: no id selects a shared slot
         shared_gate, shared_up, shared_down = w_gate[0], w_up[0], w_down[0]
     cfg = tile_config(num_pairs, num_slots, hidden.dtype)

@@ -340,6 +340,18 @@ def test_triton_backward_interpreted_body(monkeypatch):
     for case, layout in cases:
         check_grads(case, layout)
     test_out_of_range_ids_add_nothing_and_get_zero_gradient("cpu")
+
+    # Any strides (the op's contract): a column view of hidden, a transposed upstream gradient, and
+    # transposed weights give the gradients of their contiguous copies.
+    case = make_case(tokens=7, hidden_size=32, inter=16, num_experts=4, topk=2, num_shared=1, layout="transposed")
+    assert case.hidden.stride(1) != 1
+    upstream = random_upstream((32, 7), torch.float32, "cpu", seed=10).T
+    needs_grad = [True] * 8 + [False]  # no shared_token_weight in this case
+    strided = fused_experts_grads(upstream, *case.args(), needs_grad)
+    contiguous = fused_experts_grads(upstream.contiguous(), *(t.contiguous() if torch.is_tensor(t) else t
+                                                              for t in case.args()), needs_grad)
+    for got, want in zip(strided[:-1], contiguous[:-1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     # The configuration space (no bfloat16: see above).
     settings(max_examples=15)(given(configuration=grad_configurations(dtypes=(torch.float32, torch.float16)))(
         lambda configuration: check_grads(make_case(**configuration[0]), configuration[1])))()
