@@ -28,6 +28,7 @@ import torch
 from torch.fx import Graph, Node
 
 from .graph_utils import (
+    RESHAPES,
     GraphBuilder,
     aten,
     describe_location,
@@ -49,12 +50,24 @@ _SHARED_ARG = 11  # num_fused_shared_experts in the gate's schema
 _SCALE_ARG = 10  # routed_scaling_factor
 
 
+@dataclass(frozen=True)
+class WeightRows:
+    """Rows start:stop:step of a Linear's weight: the gate or the up half of a fused gate_up Linear
+    (blocks of rows, or interleaved rows). The rewrite passes them as a view, never a copy."""
+
+    weight: Node
+    start: int
+    stop: int
+    step: int
+
+
 @dataclass
 class Linear:
-    """x @ W.T (an nn.Linear without bias), possibly through reshapes for 3-D inputs."""
+    """x @ W.T (an nn.Linear without bias), possibly through reshapes for 3-D inputs; or a block of its
+    output columns, x @ W[rows].T."""
 
     x: Node
-    weight: Node
+    weight: Node | WeightRows
 
 
 def _linear(node: Any) -> Linear | None:
@@ -72,11 +85,84 @@ def _times_transposed(x: Any, transposed: Any) -> Linear | None:
     return Linear(strip_views(x), transposed.args[0])
 
 
+def _weight_value(weight: Node | WeightRows) -> torch.Tensor:
+    if isinstance(weight, WeightRows):
+        return fake(weight.weight)[weight.start:weight.stop:weight.step]
+    return fake(weight)
+
+
+def _weight_text(weight: Node | WeightRows) -> str:
+    if isinstance(weight, WeightRows):
+        step = f":{weight.step}" if weight.step != 1 else ""
+        return f"{weight.weight.name}[{weight.start}:{weight.stop}{step}]"
+    return weight.name
+
+
+def _columns_of_linear(node: Any) -> Linear | None:
+    """`node` as columns start:stop:step of a Linear's output (the gate or up half of a fused gate_up
+    Linear: x @ W.T split, chunked, sliced, or unbound from [.., n, m] in the last dimension): the
+    Linear of the matching weight rows, or None."""
+    if not isinstance(node, Node):
+        return None
+    if node.target == aten.slice.Tensor:
+        source, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+        columns = _output_columns(source, dim)
+        if columns is None:
+            return None
+        linear, width = columns
+        start, stop = slice(start, end, step).indices(width)[:2]
+        return Linear(linear.x, WeightRows(linear.weight, start, stop, step))
+    if node.target is not operator.getitem or not isinstance(node.args[0], Node):
+        return None
+    parts, index = node.args
+    if parts.target in (aten.split.Tensor, aten.split_with_sizes.default):
+        source, sizes, dim = (list(parts.args) + [0])[:3]
+        columns = _output_columns(source, dim)
+        if columns is None:
+            return None
+        linear, width = columns
+        sizes = [sizes] * (-(-width // sizes)) if isinstance(sizes, int) else list(sizes)
+        start = sum(sizes[:index])
+        return Linear(linear.x, WeightRows(linear.weight, start, min(start + sizes[index], width), 1))
+    if parts.target == aten.unbind.int and isinstance(parts.args[0], Node):
+        grouped = parts.args[0]  # [.., n, m] from the Linear's [.., n*m]: column j*m + index is element (j, index)
+        shape = fake(grouped).shape
+        dim = parts.args[1] if len(parts.args) > 1 else 0
+        if grouped.target not in RESHAPES or dim not in (-1, len(shape) - 1):
+            return None
+        columns = _output_columns(grouped.args[0], -1)
+        group = static_int(shape[-1])
+        if columns is None or group is None or static_int(shape[-2]) is None \
+                or static_int(shape[-2]) * group != columns[1]:
+            return None
+        linear, width = columns
+        return Linear(linear.x, WeightRows(linear.weight, index, width, group))
+    return None
+
+
+def _output_columns(source: Any, dim: Any) -> tuple[Linear, int] | None:
+    """(the Linear, its output width) when `source` is a Linear's output (through token reshapes that
+    keep the last dimension) and `dim` its last dimension."""
+    linear = _linear(source)
+    if linear is None or not isinstance(dim, int):
+        return None
+    shape = fake(source).shape
+    width = static_int(shape[-1])
+    if dim not in (-1, len(shape) - 1) or width is None or width != static_int(fake(strip_views(source)).shape[-1]):
+        return None
+    return linear, width
+
+
+def _projection(node: Any) -> Linear | None:
+    """x @ W.T, or a block of its columns (see _columns_of_linear)."""
+    return _linear(node) or _columns_of_linear(strip_views(node))
+
+
 @dataclass
 class SharedMLP:
     x: Node  # the tokens (reshapes stripped)
-    gate: Node  # [S*I, H]
-    up: Node  # [S*I, H]
+    gate: Node | WeightRows  # [S*I, H]
+    up: Node | WeightRows  # [S*I, H]
     down: Node  # [H, S*I]
     token_gate: Node | None  # sigmoid(x @ w) of a gated shared expert, [.., 1]
 
@@ -106,11 +192,11 @@ def _mlp_below(down: Linear, token_gate: Node | None) -> SharedMLP | str | None:
     if not (isinstance(product, Node) and product.target == aten.mul.Tensor):
         return None
     for act, up_side in (product.args[:2], product.args[1::-1]):
-        up = _linear(up_side)
-        if up is None or _linear(act) is not None:
+        up = _projection(up_side)
+        if up is None or _projection(act) is not None:
             continue
         pre_activation = silu_input(strip_views(act))
-        gate = _linear(pre_activation)
+        gate = _projection(pre_activation)
         if gate is None:
             return "the shared MLP's activation is not SiLU"
         if gate.x is not up.x:
@@ -169,7 +255,8 @@ def rewrite_shared_experts(graph: Graph, options: Any = None) -> tuple[list[Rewr
         _emit(graph, plan)
         experts_nodes.discard(plan.experts)
         rewrites.append(Rewrite(PASS_NAME, location, _spelling(plan), dict(
-            shared_slots=plan.slots, gate=plan.shared.gate.name, up=plan.shared.up.name, down=plan.shared.down.name,
+            shared_slots=plan.slots, gate=_weight_text(plan.shared.gate), up=_weight_text(plan.shared.up),
+            down=plan.shared.down.name,
             token_gate=plan.shared.token_gate is not None, routed_scale_moved_to_gate=plan.scale)))
     if rewrites:
         graph.eliminate_dead_code()
@@ -220,14 +307,14 @@ def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, rou
     if strip_views(hidden) is not shared.x and shared.x is not hidden:
         return "the shared MLP does not read the tokens the routed experts read"
     x, inter = fake(hidden), static_int(fake(w_gate).shape[1])
-    gate_shape, down_shape = fake(shared.gate).shape, fake(shared.down).shape
+    gate_shape, down_shape = _weight_value(shared.gate).shape, fake(shared.down).shape
     total = static_int(gate_shape[0])
     if total is None or inter is None or total % inter:
         return f"the shared MLP's intermediate size ({total}) is not a multiple of the experts' ({inter})"
-    if not (same_size(gate_shape[1], x.shape[-1]) and same_shape(fake(shared.up).shape, gate_shape)
+    if not (same_size(gate_shape[1], x.shape[-1]) and same_shape(_weight_value(shared.up).shape, gate_shape)
             and same_shape(down_shape, (x.shape[-1], total))):
         return "the shared MLP's weights do not have the shapes [S*I, H], [S*I, H], [H, S*I]"
-    if len({fake(w).dtype for w in (shared.gate, shared.up, shared.down)} | {x.dtype}) != 1:
+    if len({_weight_value(w).dtype for w in (shared.gate, shared.up, shared.down)} | {x.dtype}) != 1:
         return "the shared MLP's weights and the hidden states have different dtypes"
     shared_reused = shared_arg is not None and not _used_once(shared_arg, strip_views(shared_arg))
     if not _used_once(routed_arg, experts) or shared_reused:
@@ -314,7 +401,9 @@ def _emit(graph: Graph, plan: _Plan) -> None:
         token_weight = None
         if shared.token_gate is not None:
             token_weight = build.call(aten.reshape.default, (shared.token_gate, [-1]))
-        fused = build.call(EXPERTS_OP, (experts.args[0], weights, ids, *experts.args[3:6], shared.gate, shared.up,
+        shared_gate, shared_up = (build.call(aten.slice.Tensor, (w.weight, 0, w.start, w.stop, w.step))
+                                  if isinstance(w, WeightRows) else w for w in (shared.gate, shared.up))
+        fused = build.call(EXPERTS_OP, (experts.args[0], weights, ids, *experts.args[3:6], shared_gate, shared_up,
                                         shared.down, token_weight))
         result = build.conform(fused, fake(plan.add), plan.shape_sources)
     plan.add.replace_all_uses_with(result)

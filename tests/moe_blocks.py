@@ -28,6 +28,8 @@ class HandWrittenBlock(nn.Module):
         self.shared_up = nn.Linear(hidden, shared_intermediate, bias=bias)
         self.shared_down = nn.Linear(shared_intermediate, hidden, bias=bias)
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+        # The shared MLP's gate and up as one Linear (the shared_gate_up_* variants).
+        self.shared_gate_up = nn.Linear(hidden, 2 * shared_intermediate, bias=False)
         self.norm = nn.RMSNorm(hidden)
         self.to(dtype)
 
@@ -44,6 +46,14 @@ class HandWrittenBlock(nn.Module):
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         act = F.gelu if self.variant == "gelu_shared" else F.silu
+        if self.variant.startswith("shared_gate_up_"):
+            h = self.shared_gate_up(x)
+            gate, up = {
+                "shared_gate_up_chunk": lambda: h.chunk(2, dim=-1),  # [gate rows; up rows]
+                "shared_gate_up_interleaved": lambda: h.unflatten(-1, (-1, 2)).unbind(-1),  # gate, up alternate
+                "shared_gate_up_strided": lambda: (h[..., ::2], h[..., 1::2]),
+            }[self.variant]()
+            return self.shared_down(act(gate) * up)
         return self.shared_down(act(self.shared_gate(x)) * self.shared_up(x))
 
     def forward(self, x: torch.Tensor):

@@ -236,7 +236,8 @@ def _compare(compiled_out, eager_out, dtype):
         torch.testing.assert_close(compiled_out, eager_out, **tolerance)
 
 
-FUSED_VARIANTS = ["plain", "shared_first", "scaled_output", "gated_shared"]
+FUSED_VARIANTS = ["plain", "shared_first", "scaled_output", "gated_shared", "shared_gate_up_chunk",
+                  "shared_gate_up_interleaved", "shared_gate_up_strided"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -249,6 +250,13 @@ def test_routed_plus_shared_becomes_one_fused_experts(variant, dtype):
     assert rewrite.params["shared_slots"] == 64 // block.cfg.moe_intermediate_size
     assert rewrite.params["token_gate"] == (variant == "gated_shared")
     assert (rewrite.params["routed_scale_moved_to_gate"] == 2.5) == (variant == "scaled_output")
+    # A fused gate_up Linear is passed as row views: blocks of rows, or every other row.
+    expected_gate_up = {"shared_gate_up_chunk": ("[0:64]", "[64:128]"),
+                        "shared_gate_up_interleaved": ("[0:128:2]", "[1:128:2]"),
+                        "shared_gate_up_strided": ("[0:128:2]", "[1:128:2]")}.get(variant)
+    if expected_gate_up is not None:
+        assert (rewrite.params["gate"][-len(expected_gate_up[0]):], rewrite.params["up"][-len(expected_gate_up[1]):]) \
+            == expected_gate_up, rewrite.params
     after = normalized_ops(report.graphs[-1].graph_after)
     assert "aten.mm" in after and after.count("aten.mm") == 1 + (variant == "gated_shared")  # router (+ shared gate)
     with torch.no_grad():

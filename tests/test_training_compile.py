@@ -116,10 +116,12 @@ def test_export_that_makes_a_dynamic_size_constant_is_refused(monkeypatch):
                 assert report.count("experts") == 0
 
 
-@pytest.mark.parametrize("variant", ["plain", "gated_shared", "scaled_output"])
+@pytest.mark.parametrize("variant", ["plain", "gated_shared", "scaled_output", "shared_gate_up_chunk",
+                                     "shared_gate_up_interleaved"])
 def test_hand_written_block_gradients_reach_inputs_and_every_weight(variant):
     """Gradients w.r.t. the hidden states, the router, the expert tensors (read through gate/up
-    slices) and the shared MLP (with its sigmoid token gate) through the fused ops' backwards."""
+    slices) and the shared MLP (with its sigmoid token gate, or one gate_up Linear read through row
+    views) through the fused ops' backwards."""
     block = HandWrittenBlock(variant).train()
     x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(6))
 
