@@ -21,8 +21,10 @@ dtypes. At T=16384, H=7168, K=9 that is ~8 GB of atomic traffic against ~4 GB fo
 the sum order (hence the result) would change from run to run. The price is a [T*K, H] buffer in
 hidden's dtype (2.1 GB at that size).
 
-Inside each expert's segment the rows are in pair order, the same on every run (no atomics in the
-alignment either), so the backward's sums over a segment's rows are reproducible too.
+Positions inside one expert's segment come from atomics in the forward and may differ between runs;
+the result does not, because each output row of a GEMM tile depends only on its own input row. The
+backward sums over a segment's rows (weight gradients), so its alignment is stable: rows in pair
+order, the same on every run.
 """
 
 from __future__ import annotations
@@ -84,13 +86,15 @@ def _align_kernel(
     ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr, scratch_ptr, slot_start_ptr, slot_rows_ptr,
     num_pairs, num_slots, num_blocks, pairs_per_program,
     BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr, BLOCKS_CHUNK: tl.constexpr,
+    STABLE: tl.constexpr,
 ):
     """Expert-sorted, BLOCK_M-padded layout of the pairs, in one launch.
 
     Each program counts all ids (a histogram, cheap next to the GEMMs and read from L2 after the first
     program), so every program knows every segment's start and how many pairs of each slot precede
-    its own range; it then places its range, chunk by chunk, through a private scratch row. No
-    inter-program communication, hence one launch. Ids outside [0, num_slots) are left out everywhere.
+    its own range; it then places its range, chunk by chunk, through a private scratch row (STABLE:
+    each slot's pairs in pair order; else in any order, which the forward's results do not depend
+    on). No inter-program communication, hence one launch. Ids outside [0, num_slots) are left out everywhere.
     Program 0 also writes each slot's first row and number of pairs (the backward's weight gradients
     walk segments).
     """
@@ -127,29 +131,40 @@ def _align_kernel(
         tl.store(block_expert_ptr + blocks, tl.where(used, expert, -1), mask=blocks < num_blocks)
         tl.store(block_rows_ptr + blocks, tl.minimum(rows, BLOCK_M), mask=blocks < num_blocks)
 
-    # A pair's row is its slot's next free row plus its rank among the chunk's pairs of that slot. The
-    # ranks come from sorting the chunk by (slot, pair), not from atomics: every run puts every pair on
-    # the same row, each slot's rows in pair order (the backward's weight gradients sum over those rows
-    # in that order, so they are the same on every run).
-    next_row = seg_start + before
-    scratch = scratch_ptr + pid * NUM_BINS
+    scratch = scratch_ptr + pid * NUM_BINS  # this program's row: each slot's next free row
+    tl.store(scratch + slots, seg_start + before)
+    tl.debug_barrier()  # the row is complete before any thread of this program reads it
     last = tl.minimum(first + pairs_per_program, num_pairs)
-    for start in range(first, last, CHUNK):
-        idx = start + offs
-        ids = tl.load(ids_ptr + idx, mask=idx < last, other=-1)
-        valid = (idx < last) & (ids >= 0) & (ids < num_slots)
-        slot_of = tl.where(valid, ids.to(tl.int32), NUM_BINS)  # invalid pairs sort last
-        keys = tl.sort(slot_of * CHUNK + offs)
-        sorted_slot = keys // CHUNK
-        hist = tl.histogram(slot_of, NUM_BINS, mask=valid)
-        tl.debug_barrier()  # the previous chunk's reads of the scratch row are done
-        # The j-th sorted pair's row: next_row[slot] + j - (the chunk's pairs of smaller slots).
-        tl.store(scratch + slots, next_row - (tl.cumsum(hist, 0) - hist))
-        tl.debug_barrier()
-        placed = sorted_slot < num_slots
-        row = tl.load(scratch + sorted_slot, mask=placed, other=0) + offs
-        tl.store(sorted_pairs_ptr + row, start + keys % CHUNK, mask=placed)
-        next_row += hist
+    if STABLE:
+        # A pair's row is its slot's next free row plus its rank among the chunk's pairs of that slot.
+        # The ranks come from sorting the chunk by (slot, pair), not from atomics: every run puts every
+        # pair on the same row, each slot's rows in pair order (the backward's weight gradients sum
+        # over those rows in that order, so they are the same on every run).
+        next_row = seg_start + before
+        for start in range(first, last, CHUNK):
+            idx = start + offs
+            ids = tl.load(ids_ptr + idx, mask=idx < last, other=-1)
+            valid = (idx < last) & (ids >= 0) & (ids < num_slots)
+            slot_of = tl.where(valid, ids.to(tl.int32), NUM_BINS)  # invalid pairs sort last
+            keys = tl.sort(slot_of * CHUNK + offs)
+            sorted_slot = keys // CHUNK
+            hist = tl.histogram(slot_of, NUM_BINS, mask=valid)
+            tl.debug_barrier()  # the previous chunk's reads of the row are done
+            # The j-th sorted pair's row: next_row[slot] + j - (the chunk's pairs of smaller slots).
+            tl.store(scratch + slots, next_row - (tl.cumsum(hist, 0) - hist))
+            tl.debug_barrier()
+            placed = sorted_slot < num_slots
+            row = tl.load(scratch + sorted_slot, mask=placed, other=0) + offs
+            tl.store(sorted_pairs_ptr + row, start + keys % CHUNK, mask=placed)
+            next_row += hist
+    else:
+        # The forward's rows are independent of their order: atomics on the row, no sort.
+        for start in range(first, last, CHUNK):
+            idx = start + offs
+            ids = tl.load(ids_ptr + idx, mask=idx < last, other=-1)
+            valid = (idx < last) & (ids >= 0) & (ids < num_slots)
+            row = tl.atomic_add(scratch + ids, 1, mask=valid, sem="relaxed")
+            tl.store(sorted_pairs_ptr + row, idx, mask=valid)
 
 
 @triton.jit
@@ -389,8 +404,9 @@ class Alignment(NamedTuple):
     block_m: int
 
 
-def align(ids: torch.Tensor, num_slots: int, block_m: int) -> Alignment:
-    """Sorts the pairs of contiguous ``ids`` [T, K] by slot; ids outside [0, num_slots) are left out."""
+def align(ids: torch.Tensor, num_slots: int, block_m: int, stable: bool = False) -> Alignment:
+    """Sorts the pairs of contiguous ``ids`` [T, K] by slot; ids outside [0, num_slots) are left out.
+    `stable`: each slot's pairs in pair order (a sort per chunk), else in any order (atomics)."""
     num_pairs = ids.numel()
     # Each slot's padded segment adds < BLOCK_M rows, and at most min(slots, pairs) slots are active.
     num_blocks = num_pairs // block_m + min(num_slots, num_pairs)
@@ -402,7 +418,8 @@ def align(ids: torch.Tensor, num_slots: int, block_m: int) -> Alignment:
     _align_kernel[(programs,)](
         ids, sorted_pairs, block_expert, block_rows, program_rows, slot_start, slot_rows,
         num_pairs, num_slots, num_blocks, pairs_per_program,
-        BLOCK_M=block_m, NUM_BINS=num_bins, CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins), num_warps=num_warps,
+        BLOCK_M=block_m, NUM_BINS=num_bins, CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins), STABLE=stable,
+        num_warps=num_warps,
     )
     return Alignment(sorted_pairs, block_expert, block_rows, slot_start, slot_rows, num_blocks, block_m)
 

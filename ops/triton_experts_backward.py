@@ -4,7 +4,8 @@ The formula is ops/experts_autograd.py's. For the pair (token t, slot e) with pa
 upstream gradient g = grad_out[t], the backward needs u = g D_e (so that dh = p u and, as
 y = h D_e^T, d p = <g, y> = <u, h>); with a, b the recomputed gate and up projections:
 
-1. ``align`` (the forward's kernel): the pairs sorted by slot in BLOCK_M-padded segments.
+1. ``align`` (the forward's kernel, stable): the pairs sorted by slot in BLOCK_M-padded segments,
+   each slot's rows in pair order.
 2. u[row] = D_e^T g: the forward's gathered GEMM on grad_out, with D_e^T read through a transposed
    view of the down weights (no copy).
 3. ``_gate_up_backward_kernel``: recomputes a and b (the forward's gate/up GEMM) and, in its epilogue,
@@ -213,7 +214,7 @@ def experts_grads_triton(grad_out, hidden, topk_ids, pair_weight, weights, num_s
     need_down = need_weights[2] or need_weights[5]
 
     with on_device(hidden.device):
-        alignment = align(ids, num_slots, cfg.block_m)
+        alignment = align(ids, num_slots, cfg.block_m, stable=True)  # weight gradients sum rows in order
         rows = alignment.num_blocks * cfg.block_m
         u, h, da, db = hidden.new_empty(4, rows, inter).unbind()
         gathered_gemm(grad_out, u, alignment, topk, w_down.transpose(1, 2), w_down.transpose(1, 2),

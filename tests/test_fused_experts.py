@@ -375,9 +375,11 @@ def test_cuda_out_of_range_ids_are_ignored():
 @pytest.mark.cuda
 @pytest.mark.parametrize(("tokens", "topk", "num_slots", "block_m"), [(1, 9, 257, 16), (3000, 9, 257, 64),
                                                                       (20000, 8, 385, 128)])
-def test_cuda_alignment_is_in_pair_order(tokens, topk, num_slots, block_m):
+@pytest.mark.parametrize("stable", [True, False])
+def test_cuda_alignment(tokens, topk, num_slots, block_m, stable):
     generator = torch.Generator().manual_seed(tokens)
-    check_alignment(torch.randint(-1, num_slots + 1, (tokens, topk), generator=generator).cuda(), num_slots, block_m)
+    ids = torch.randint(-1, num_slots + 1, (tokens, topk), generator=generator).cuda()
+    check_alignment(ids, num_slots, block_m, stable)
 
 
 @requires_cuda
@@ -462,8 +464,9 @@ def test_triton_interpreted_body():
         assert_matches_reference(fused_experts_triton(*case.args(), num_shared), case)
 
     for tokens, topk, num_slots in ((1, 3, 5), (700, 4, 9), (1100, 2, 3)):  # 2800, 2200 pairs: two programs
-        check_alignment(torch.randint(-1, num_slots + 1, (tokens, topk), generator=torch.Generator().manual_seed(0)),
-                        num_slots, block_m=16)
+        ids = torch.randint(-1, num_slots + 1, (tokens, topk), generator=torch.Generator().manual_seed(0))
+        for stable in (True, False):
+            check_alignment(ids, num_slots, block_m=16, stable=stable)
 
     # Out-of-range ids (including int64 values that wrap to valid int32 ones) contribute nothing.
     bad = cases[0].topk_ids.clone()
@@ -472,19 +475,20 @@ def test_triton_interpreted_body():
     assert_matches_reference(fused_experts_triton(*case.args(), 2), case)
 
 
-def check_alignment(ids: torch.Tensor, num_slots: int, block_m: int) -> None:
-    """ops.triton_experts.align: each slot's segment holds its pairs in pair order, padded to block_m rows
-    and described by the block table; out-of-range ids are left out."""
+def check_alignment(ids: torch.Tensor, num_slots: int, block_m: int, stable: bool) -> None:
+    """ops.triton_experts.align: each slot's segment holds its pairs (in pair order when stable), padded
+    to block_m rows and described by the block table; out-of-range ids are left out."""
     from ops.triton_experts import align
 
-    alignment = align(ids.contiguous(), num_slots, block_m)
+    alignment = align(ids.contiguous(), num_slots, block_m, stable)
     flat = ids.reshape(-1).cpu()
     block_expert, block_rows = alignment.block_expert.cpu(), alignment.block_rows.cpu()
     row = 0
     for slot in range(num_slots):
         pairs = (flat == slot).nonzero().flatten().int()
         assert alignment.slot_start[slot] == row and alignment.slot_rows[slot] == len(pairs), slot
-        assert torch.equal(alignment.sorted_pairs[row:row + len(pairs)].cpu(), pairs), slot
+        segment = alignment.sorted_pairs[row:row + len(pairs)].cpu()
+        assert torch.equal(segment if stable else segment.sort().values, pairs), slot
         blocks = range(row // block_m, (row + len(pairs) + block_m - 1) // block_m)
         assert all(block_expert[b] == slot for b in blocks), slot
         assert block_rows[list(blocks)].sum() == len(pairs), slot

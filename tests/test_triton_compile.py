@@ -74,8 +74,9 @@ def test_weight_gradient_kernel_compiles(dtype):
 def test_alignment_and_combine_kernels_compile(ids):
     for num_pairs, num_slots in ((9, 257), (147456, 257), (4096, 513)):
         num_bins, chunk, _, _, num_warps = forward._align_launch(num_pairs, num_slots)
-        compile_for_hopper(forward._align_kernel, "*i32", num_warps, ids=ids, BLOCK_M=64, NUM_BINS=num_bins,
-                           CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins))
+        for stable in (True, False):
+            compile_for_hopper(forward._align_kernel, "*i32", num_warps, ids=ids, BLOCK_M=64, NUM_BINS=num_bins,
+                               CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins), STABLE=stable)
     for weighted in (True, False):
         compile_for_hopper(forward._combine_kernel, "*bf16", 4, ids=ids, WEIGHTED=weighted, HAS_TOKEN_WEIGHT=weighted,
                            BLOCK_TOPK=16, BLOCK_H=512)
