@@ -4,6 +4,7 @@
     python -m fusion_passes.inspect --model hf-deepseek_v2   # a tiny random HF transformers model
     python -m fusion_passes.inspect --graphs                 # also print the graphs before and after
     python -m fusion_passes.inspect --model hf-deepseek_v3 --device cuda --dtype bfloat16
+    python -m fusion_passes.inspect --model hf-deepseek_v3 --training --cpu-experts   # a training compile
 """
 
 from __future__ import annotations
@@ -40,12 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--graphs", action="store_true", help="print each graph before and after the passes")
     parser.add_argument("--cpu-experts", action="store_true",
                         help="also fuse the experts on the CPU (by default only CUDA graphs get fused experts)")
+    parser.add_argument("--training", action="store_true",
+                        help="compile as a training step does (gradients enabled: rewritten before autograd)")
     args = parser.parse_args(argv)
 
     model, vocab = build(args.model)
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
     tokens = torch.randint(0, vocab, tuple(args.tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
-    report = explain(model, tokens, rewrites=args.rewrites, fuse_experts_on_cpu=args.cpu_experts)
+    model.train(args.training)
+    report = explain(model, tokens, rewrites=args.rewrites, fuse_experts_on_cpu=args.cpu_experts,
+                     training=args.training)
     print(report)
     print()
     print(report.op_count_table())

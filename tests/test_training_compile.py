@@ -289,3 +289,22 @@ def test_graphs_without_routing_are_not_exported(monkeypatch):
     assert not report.rewrites and not report.refusals
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-7)
 
+
+
+def test_explain_and_inspect_report_a_training_compile(capsys):
+    """explain(training=True) compiles with gradients enabled: the graph is rewritten before autograd and
+    the report has its rewrites; without it (no_grad) the same block gets the post-grad path."""
+    from fusion_passes import inspect
+
+    block = HandWrittenBlock().train()
+    x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(11))
+    report = fusion_passes.explain(block, x, training=True, fuse_experts_on_cpu=True)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1]
+    # The graph rewritten before autograd is functional ATen with the fused ops and no top-k left.
+    after = report.graphs[0].graph_after
+    assert "moe_fusion.fused_experts.default" in after and "aten.topk" not in after
+
+    inspect.main(["--model", "hf-deepseek_v3", "--training", "--cpu-experts"])
+    printed = capsys.readouterr().out
+    # Two layers: a routing, an experts and a shared-experts rewrite each, in the one training graph.
+    assert "graph 0: 6 rewrite(s), 0 refusal(s)" in printed and printed.count("[shared_experts]") == 2, printed[:2000]
