@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from compile_checks import fused_op_calls, internal_errors, no_compile_caches
+from conftest import DEVICES
 from moe_blocks import HandWrittenBlock, TorchtitanMainStyleBlock, TorchtitanStyleBlock
 
 import fusion_passes
@@ -31,16 +32,19 @@ def _compile(model):
     return torch.compile(model, backend=fusion_passes.make_backend(fuse_experts_on_cpu=True))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind, experts_implementation", [
     ("deepseek_v3", "grouped_mm"), ("deepseek_v3", "batched_mm"), ("deepseek_v2", "grouped_mm"),
 ])
-def test_training_step_runs_the_fused_ops_and_matches_eager(kind, experts_implementation):
+def test_training_step_runs_the_fused_ops_and_matches_eager(kind, experts_implementation, device):
+    """On CUDA the experts' backward runs the Triton kernels; on the CPU the per-expert loop."""
     pytest.importorskip("transformers")
     from fusion_passes.hf_examples import tiny_hf_moe
 
-    model = tiny_hf_moe(kind, experts_implementation).train()
+    model = tiny_hf_moe(kind, experts_implementation).to(device).train()
     layers = model.config.num_hidden_layers
     tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    tokens = tokens.to(device)
     eager_loss, eager_grads = _loss_and_grads(model, tokens)
 
     compiled = _compile(model)
