@@ -12,9 +12,9 @@ inputs in the same process. Timing: CUDA events around whole steps, median after
 graphs (steps of milliseconds are not launch-bound). Before timing, both compiled steps' gradients
 are compared with eager's.
 
-    python benchmarks/bench_train.py                       # T = 512, 4096, 16384 tokens per step
-    python benchmarks/bench_train.py --profile             # and the top kernels of a moe_fusion step
-    python benchmarks/bench_train.py --device cpu --tiny   # a few seconds: checks the script runs
+    python benchmarks/bench_train.py                         # T = 512, 4096, 16384 tokens per step
+    python benchmarks/bench_train.py --profile --tokens 512  # one size, and a moe_fusion step's top kernels
+    python benchmarks/bench_train.py --device cpu --tiny     # a few seconds: checks the script runs
 """
 
 from __future__ import annotations
@@ -109,10 +109,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the tiny test config (checks that the script runs)")
-    parser.add_argument("--profile", action="store_true", help="also print the top kernels of a moe_fusion step")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the top kernels of a moe_fusion step (at the last token count)")
+    parser.add_argument("--tokens", type=int, nargs="+", help=f"token counts (default {TOKENS})")
     args = parser.parse_args()
     sizes = TINY_SIZES if args.tiny else TP8
-    token_counts = TINY_TOKENS if args.tiny else TOKENS
+    token_counts = args.tokens or (TINY_TOKENS if args.tiny else TOKENS)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
 
     model = hf_moe("deepseek_v3", "grouped_mm", device=args.device, bias_std=0.01,
@@ -140,9 +142,9 @@ def main() -> None:
         step = {name: time_step_us(run, xs, iters, args.device) for name, run in steps.items()}
         forward = {name: time_step_us(run, xs, iters, args.device) for name, run in forwards.items()}
         backward = {name: step[name] - forward[name] for name in step}
-        rows.append(" | ".join([f"| {tokens}", *(f"{t['inductor']:.1f} | {t['moe_fusion']:.1f} | "
-                                                f"{t['inductor'] / t['moe_fusion']:.2f}x" for t in (step, forward, backward))])
-                    + " |")
+        cells = [f"{t['inductor']:.1f} | {t['moe_fusion']:.1f} | {t['inductor'] / t['moe_fusion']:.2f}x"
+                 for t in (step, forward, backward)]
+        rows.append(f"| {tokens} | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     print(f"moe_fusion on the training step: {collector.take().tally()}")
     if args.profile:
