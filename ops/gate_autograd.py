@@ -28,9 +28,11 @@ Nothing but the logits and the ids is saved: the backward recomputes the scores 
 ``weights_from_masked_scores``, the kept groups) from the logits with the reference's helpers, so
 the forward kernels write no extra outputs. The kept groups are recomputed with torch's
 sigmoid/softmax, so where two group scores tie to within the kernel's last-ulp difference from torch
-the backward may treat a pick from one of them differently from the forward. The backward is written
-with PyTorch ops and runs on CPU and CUDA, eager and under ``torch.compile``; a fused CUDA backward
-kernel is a later step. The ``.out`` overload is not differentiable.
+the backward may treat a pick from one of them differently from the forward. ``gate_logits_grad`` is
+the formula in PyTorch ops: on the CPU, in compiled steps (traced into the backward graph, whose
+kernels Inductor generates) and with ``weights_from_masked_scores``; an eager backward on CUDA runs it
+as one Triton kernel otherwise (ops/triton_gate_backward.py). The ``.out`` overload is not
+differentiable.
 """
 
 from __future__ import annotations
@@ -111,7 +113,18 @@ def _backward(ctx, grad_weights, _grad_ids):
     logits, ids = ctx.saved_tensors
     grad_logits = None
     if ctx.needs_input_grad[0]:
-        grad_logits = gate_logits_grad(grad_weights, logits, ids, *ctx.groups_and_topk, **ctx.options)
+        options = ctx.options
+        # The kernel in eager CUDA backwards; a compiled step traces the formula (Inductor compiles it).
+        if logits.is_cuda and not options["weights_from_masked_scores"] and not torch.compiler.is_compiling():
+            from .triton_gate_backward import gate_logits_grad_triton  # Triton is imported on first CUDA use only
+
+            grad_logits = gate_logits_grad_triton(
+                grad_weights, logits, ids, ctx.groups_and_topk[2], scoring_func=options["scoring_func"],
+                renormalize=options["renormalize"], renormalize_eps=options["renormalize_eps"],
+                routed_scaling_factor=options["routed_scaling_factor"],
+                apply_routed_scaling_factor_on_output=options["apply_routed_scaling_factor_on_output"])
+        else:
+            grad_logits = gate_logits_grad(grad_weights, logits, ids, *ctx.groups_and_topk, **options)
     # Only the logits get a gradient; the bias and the 15 non-tensor arguments get None.
     return (grad_logits,) + (None,) * 16
 

@@ -8,16 +8,14 @@ Errors are measured as ||out - ref|| / ||ref|| against the float32 reference.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import DEVICES, requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from triton_interpreter import interpreted_only, patch_interpreter_for_numpy_2_4, run_interpreted
 
 from ops import fused_experts
 from ops.reference import fused_experts_reference
@@ -424,21 +422,6 @@ def test_cuda_graph_capture_and_replay(tokens):
 # ------------------------------------------------------------------ Triton kernels, interpreted
 
 
-def run_interpreted(test_file: str, test_name: str) -> None:
-    """Runs one test in a subprocess with TRITON_INTERPRET=1 (which must be set before Triton is imported)."""
-    pytest.importorskip("triton")
-    pytest.importorskip("numpy")  # the interpreter computes with numpy
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "-k", test_name],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout + result.stderr
-
-
-interpreted_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                      reason="runs inside a test that sets TRITON_INTERPRET=1")
-
-
 def test_triton_kernels_interpreted():
     run_interpreted(__file__, "test_triton_interpreted_body")
 
@@ -494,20 +477,6 @@ def check_alignment(ids: torch.Tensor, num_slots: int, block_m: int, stable: boo
         assert block_rows[list(blocks)].sum() == len(pairs), slot
         row += len(blocks) * block_m
     assert (block_expert[row // block_m:] == -1).all()
-
-
-def patch_interpreter_for_numpy_2_4():
-    """Triton 3.6's interpreter calls int() on 1-element arrays, an error since numpy 2.4
-    (triton-lang/triton#9171); index through .item() instead."""
-    import triton.runtime.interpreter as interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 def test_launch_gemm_steps_down_the_pipeline_until_it_fits():

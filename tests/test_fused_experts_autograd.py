@@ -14,14 +14,8 @@ import torch
 from conftest import DEVICES, requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fused_experts import (
-    Case,
-    interpreted_only,
-    make_case,
-    patch_interpreter_for_numpy_2_4,
-    poison_cuda_cache,
-    run_interpreted,
-)
+from test_fused_experts import Case, make_case, poison_cuda_cache
+from triton_interpreter import interpreted_only, patch_interpreter_for_numpy_2_4, run_interpreted
 
 from ops import fused_experts
 from ops.experts_autograd import fused_experts_grads

@@ -10,11 +10,12 @@ import inspect
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, requires_cuda
 from gate_cases import gate_cases, make_logits, random_bias, random_logits
 from gate_checks import positional_args
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from triton_interpreter import interpreted_only, patch_interpreter_for_numpy_2_4, run_interpreted
 
 import ops
 from ops.gate_autograd import gate_logits_grad
@@ -295,3 +296,64 @@ def test_compiled_backward_matches_eager(device, name):
             grads.append(x.grad)
         assert grads[0].abs().max() > 0
         torch.testing.assert_close(grads[1], grads[0])
+
+
+# ------------------------------------------------- the CUDA backward kernel (ops/triton_gate_backward.py)
+
+
+def _formula_and_kernel_grads(case, device):
+    """gate_logits_grad and the Triton kernel on the same upstream gradient of the op's weights."""
+    from ops.triton_gate_backward import gate_logits_grad_triton
+
+    options = case["options"]
+    logits = make_logits(case, device)
+    bias = None
+    if case["bias_dtype"] is not None:
+        bias = random_bias(case["num_experts"], case["bias_dtype"], device, torch.Generator().manual_seed(case["seed"]))
+    groups_and_topk = (case["groups"], case["topk_group"], case["topk"])
+    weights, ids = ops.moe_fused_gate(logits, bias, *groups_and_topk, **options)
+    upstream = torch.randn(weights.shape, generator=torch.Generator().manual_seed(case["seed"] + 2)).to(device)
+    formula = gate_logits_grad(upstream, logits, ids, *groups_and_topk, **routing_options(options))
+    kernel = gate_logits_grad_triton(
+        upstream, logits, ids, case["topk"], scoring_func=options["scoring_func"], renormalize=options["renormalize"],
+        renormalize_eps=options["renormalize_eps"], routed_scaling_factor=options["routed_scaling_factor"],
+        apply_routed_scaling_factor_on_output=options["apply_routed_scaling_factor_on_output"])
+    return formula, kernel
+
+
+def _check_kernel_matches_formula(case, device):
+    formula, kernel = _formula_and_kernel_grads(case, device)
+    assert kernel.shape == formula.shape and kernel.dtype == formula.dtype and kernel.device == formula.device
+    # Both differentiate in float32; the kernel's exp and sums round differently: a few float32 ulps of
+    # the terms (up to routed_scaling_factor), then one rounding to the logits' dtype.
+    ulp = {torch.float32: 0.0, torch.bfloat16: 2**-8, torch.float16: 2**-11}[formula.dtype]
+    torch.testing.assert_close(kernel.float(), formula.float(), rtol=ulp + 1e-5,
+                               atol=16 * CANCELLATION_NOISE * case["options"]["routed_scaling_factor"])
+
+
+def test_triton_gate_backward_interpreted():
+    run_interpreted(__file__, "test_triton_gate_backward_interpreted_body")
+
+
+@interpreted_only
+def test_triton_gate_backward_interpreted_body():
+    """The kernel on the CPU against the formula (itself checked against float64 autograd above) over
+    the configuration space but weights_from_masked_scores (the PyTorch formula serves that mode)."""
+    patch_interpreter_for_numpy_2_4()
+
+    @settings(max_examples=60)
+    @given(case=autograd_cases())
+    def kernel_matches_formula(case):
+        assume(not case["options"]["weights_from_masked_scores"] and case["dtype"] != torch.bfloat16)
+        _check_kernel_matches_formula(case, "cpu")
+
+    kernel_matches_formula()
+
+
+@requires_cuda
+@pytest.mark.cuda
+@settings(max_examples=100)
+@given(case=autograd_cases())
+def test_cuda_gate_backward_kernel_matches_formula(case):
+    assume(not case["options"]["weights_from_masked_scores"])
+    _check_kernel_matches_formula(case, "cuda")

@@ -1,4 +1,5 @@
-"""Every Triton kernel of fused_experts (forward and backward) compiles for sm_90 on any machine.
+"""Every Triton kernel (fused_experts forward and backward, the gate's backward) compiles for sm_90 on
+any machine.
 
 Triton's interpreter (the CPU tests of the kernels) runs kernels as Python and accepts programs the
 compiler rejects (a global that is not a tl.constexpr, an operand of the wrong type); compiling to
@@ -17,11 +18,13 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from ops import triton_experts as forward  # noqa: E402
 from ops import triton_experts_backward as backward  # noqa: E402
+from ops import triton_gate_backward as gate_backward  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 INT32_POINTERS = {"sorted_pairs_ptr", "block_expert_ptr", "block_rows_ptr", "slot_start_ptr", "slot_rows_ptr",
                   "scratch_ptr"}
-FLOAT32_POINTERS = {"dp_part_ptr", "pair_weight_ptr", "row_scale_ptr", "weights_ptr", "token_weight_ptr"}
+FLOAT32_POINTERS = {"dp_part_ptr", "pair_weight_ptr", "row_scale_ptr", "weights_ptr", "token_weight_ptr",
+                    "grad_weights_ptr"}
 
 
 def compile_for_hopper(kernel, dtype: str, num_warps: int, num_stages: int = 1, ids: str = "*i32", **constexprs):
@@ -32,7 +35,7 @@ def compile_for_hopper(kernel, dtype: str, num_warps: int, num_stages: int = 1, 
         if name in constexprs:
             return "constexpr"
         if not name.endswith("_ptr"):
-            return "i32"
+            return "fp32" if name in FLOAT_SCALARS else "i32"
         if name == "ids_ptr":
             return ids
         return "*i32" if name in INT32_POINTERS else "*fp32" if name in FLOAT32_POINTERS else dtype
@@ -42,6 +45,7 @@ def compile_for_hopper(kernel, dtype: str, num_warps: int, num_stages: int = 1, 
                    options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+FLOAT_SCALARS = {"scale", "renormalize_eps"}
 TABLES = {"*bf16": forward._TILES_16BIT, "*fp32": forward._TILES_FP32}
 
 
@@ -80,3 +84,13 @@ def test_alignment_and_combine_kernels_compile(ids):
     for weighted in (True, False):
         compile_for_hopper(forward._combine_kernel, "*bf16", 4, ids=ids, WEIGHTED=weighted, HAS_TOKEN_WEIGHT=weighted,
                            BLOCK_TOPK=16, BLOCK_H=512)
+
+
+@pytest.mark.parametrize("dtype", ["*fp32", "*bf16", "*fp16"])
+def test_gate_backward_kernel_compiles(dtype):
+    # DeepSeek-V3 (256 experts, top 8), E=512 top 22, and the largest the gate takes (1024, top 64).
+    for num_experts, topk in ((256, 8), (512, 22), (1024, 64)):
+        block_e, block_k = triton.next_power_of_2(num_experts), triton.next_power_of_2(topk)
+        for softmax in (True, False):
+            compile_for_hopper(gate_backward._gate_backward_kernel, dtype, 4 if block_e * block_k <= 4096 else 8,
+                               ids="*i64", SOFTMAX=softmax, RENORMALIZE=True, BLOCK_E=block_e, BLOCK_K=block_k)
