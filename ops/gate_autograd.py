@@ -114,8 +114,10 @@ def _backward(ctx, grad_weights, _grad_ids):
     grad_logits = None
     if ctx.needs_input_grad[0]:
         options = ctx.options
-        # The kernel in eager CUDA backwards; a compiled step traces the formula (Inductor compiles it).
-        if logits.is_cuda and not options["weights_from_masked_scores"] and not torch.compiler.is_compiling():
+        # The kernel in eager CUDA backwards; a compiled step traces the formula (Inductor compiles it),
+        # and a double backward (create_graph=True: grad mode on) differentiates the formula's ops.
+        use_kernel = logits.is_cuda and not options["weights_from_masked_scores"]
+        if use_kernel and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
             from .triton_gate_backward import gate_logits_grad_triton  # Triton is imported on first CUDA use only
 
             grad_logits = gate_logits_grad_triton(

@@ -298,6 +298,28 @@ def test_compiled_backward_matches_eager(device, name):
         torch.testing.assert_close(grads[1], grads[0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+def test_double_backward_matches_float64_reference(device, scoring_func):
+    """create_graph=True: the gradient is itself differentiable (on CUDA the backward then runs the
+    formula's ops, not the kernel, whose output autograd could not differentiate)."""
+    generator = torch.Generator().manual_seed(12)
+    logits = random_logits((5, 64), torch.float32, device, generator).requires_grad_()
+    bias = random_bias(64, torch.float32, device, generator) if scoring_func == "sigmoid" else None
+    options = full_options(scoring_func=scoring_func, routed_scaling_factor=2.5, num_fused_shared_experts=1)
+    weights, ids = ops.moe_fused_gate(logits, bias, 8, 4, 6, **options)
+    upstream = torch.randn(weights.shape, generator=generator).to(device)
+    (grad,) = torch.autograd.grad(weights, logits, upstream, create_graph=True)
+    (second,) = torch.autograd.grad(grad.square().sum(), logits)
+
+    x64 = logits.detach().double().requires_grad_()
+    weights64 = reference_weights(x64, bias, 8, 4, 6, ids, options, work_dtype=torch.float64)
+    (grad64,) = torch.autograd.grad(weights64, x64, upstream[:, :6].double(), create_graph=True)
+    (second64,) = torch.autograd.grad(grad64.square().sum(), x64)
+    assert second64.abs().max() > 0
+    torch.testing.assert_close(second.double(), second64, rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------- the CUDA backward kernel (ops/triton_gate_backward.py)
 
 
