@@ -26,6 +26,14 @@ def _loss_and_grads(model, tokens):
     return loss.detach(), grads
 
 
+def _assert_step_matches_eager(loss, grads, eager_loss, eager_grads, atol):
+    """A compiled step's loss (rtol 1e-5) and every parameter gradient (rtol 1e-4) against eager's."""
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=atol)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=atol, msg=name)
+
+
 def _compile(model):
     torch._dynamo.reset()
     collector.take()
@@ -57,10 +65,7 @@ def test_training_step_runs_the_fused_ops_and_matches_eager(kind, experts_implem
     assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [layers] * 3
     # Forward: one gate and one fused_experts per layer; backward: fused_experts' own backward op.
     assert calls == {GATE: layers, EXPERTS: layers, EXPERTS_BACKWARD: layers}
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == eager_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_step_matches_eager(loss, grads, eager_loss, eager_grads, atol=1e-6)
 
 
 @pytest.mark.parametrize("how", ["marked", "automatic"])
@@ -87,9 +92,7 @@ def test_dynamic_training_graphs_are_rewritten_before_autograd(how):
             # Marked: the first step compiles the dynamic graph; automatic: the second one recompiles.
             compiles_now = step == 0 or (how == "automatic" and step == 1)
             assert report.count("experts") == (layers if compiles_now else 0), (step, report.tally())
-            torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
-            for name, grad in grads.items():
-                torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+            _assert_step_matches_eager(loss, grads, eager_loss, eager_grads, atol=1e-6)
         calls = fused_op_calls(_loss_and_grads, compiled, tokens)
     assert calls == {GATE: layers, EXPERTS: layers, EXPERTS_BACKWARD: layers}
 
@@ -145,11 +148,8 @@ def test_hand_written_block_gradients_reach_inputs_and_every_weight(variant):
     report = collector.take()
     assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
         [r.reason for r in report.refusals]
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(input_grad, eager_input_grad, rtol=1e-4, atol=1e-7)
-    assert grads.keys() == eager_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    _assert_step_matches_eager(loss, grads, eager_loss, eager_grads, atol=1e-7)
 
 
 @pytest.mark.parametrize("model_kind", ["hand_written", "hf_deepseek_v3"])
@@ -198,10 +198,7 @@ def test_install_rewrites_training_graphs_before_autograd(model_kind):
                 assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [layers] * 3
                 # The post-grad pass sees the rewritten forward and backward: nothing left to refuse there.
                 assert not report.refusals, [r.reason for r in report.refusals]
-                torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
-                assert grads.keys() == eager_grads.keys()
-                for name, grad in grads.items():
-                    torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+                _assert_step_matches_eager(loss, grads, eager_loss, eager_grads, atol=1e-6)
             calls = fused_op_calls(run, compiled, inputs(10))
         assert calls == {GATE: layers, EXPERTS: layers, EXPERTS_BACKWARD: layers}
     finally:
