@@ -258,6 +258,31 @@ def program_block(num_blocks, num_n, block_expert_ptr, block_rows_ptr, BLOCK_M: 
 
 
 @triton.jit
+def gathered_gate_up(
+    x_ptr, stride_xt, stride_xh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, hidden_size,
+    gate_ptr, stride_ge, stride_gn, stride_gk, up_ptr, stride_ue, stride_un, stride_uk,
+    shared_gate_ptr, stride_sgn, stride_sgk, shared_up_ptr, stride_sun, stride_suk,
+    WITH_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """float32 tiles (x[token] @ gate_e^T, x[token] @ up_e^T) of a block's rows, token = pair // topk; the
+    second is zeros unless WITH_UP. Routed or shared slot weights as slot_tile_ptrs reads them."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + (pairs // topk).to(tl.int64)[:, None] * stride_xt
+    gate_ptrs, gate_k = slot_tile_ptrs(expert, num_experts, inter, gate_ptr, stride_ge, stride_gn, stride_gk,
+                                       shared_gate_ptr, stride_sgn, stride_sgk, offs_n, offs_k, True)
+    n_mask = offs_n < inter
+    if WITH_UP:
+        up_ptrs, up_k = slot_tile_ptrs(expert, num_experts, inter, up_ptr, stride_ue, stride_un, stride_uk,
+                                       shared_up_ptr, stride_sun, stride_suk, offs_n, offs_k, True)
+        gate, up = expert_tile(x_rows, x_rows, stride_xh, row_mask, gate_ptrs, gate_k, up_ptrs, up_k, n_mask,
+                               hidden_size, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        gate, up = expert_tile(x_rows, x_rows, stride_xh, row_mask, gate_ptrs, gate_k, gate_ptrs, gate_k, n_mask,
+                               hidden_size, ONE, BLOCK_M, BLOCK_N, BLOCK_K)
+    return gate, up
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, act_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
     gate_ptr, up_ptr, shared_gate_ptr, shared_up_ptr,
@@ -275,23 +300,18 @@ def _gate_up_kernel(
                                                       block_rows_ptr, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    offs_k = tl.arange(0, BLOCK_K)
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
-    x_rows = x_ptr + (pairs // topk).to(tl.int64)[:, None] * stride_xt
-    gate_ptrs, gate_k = slot_tile_ptrs(expert, num_experts, inter, gate_ptr, stride_ge, stride_gn, stride_gk,
-                                       shared_gate_ptr, stride_sgn, stride_sgk, offs_n, offs_k, True)
-    n_mask = offs_n < inter
+    gate, up = gathered_gate_up(
+        x_ptr, stride_xt, stride_xh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, hidden_size,
+        gate_ptr, stride_ge, stride_gn, stride_gk, up_ptr, stride_ue, stride_un, stride_uk,
+        shared_gate_ptr, stride_sgn, stride_sgk, shared_up_ptr, stride_sun, stride_suk,
+        GATED, BLOCK_M, BLOCK_N, BLOCK_K)
     if GATED:
-        up_ptrs, up_k = slot_tile_ptrs(expert, num_experts, inter, up_ptr, stride_ue, stride_un, stride_uk,
-                                       shared_up_ptr, stride_sun, stride_suk, offs_n, offs_k, True)
-        gate, up = expert_tile(x_rows, x_rows, stride_xh, row_mask, gate_ptrs, gate_k, up_ptrs, up_k, n_mask,
-                               hidden_size, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K)
         act = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up
     else:
-        act, _ = expert_tile(x_rows, x_rows, stride_xh, row_mask, gate_ptrs, gate_k, gate_ptrs, gate_k, n_mask,
-                             hidden_size, ONE, BLOCK_M, BLOCK_N, BLOCK_K)
+        act = gate
     act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * stride_act + offs_n[None, :]
-    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_n < inter)[None, :])
 
 
 @triton.jit

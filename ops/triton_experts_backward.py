@@ -31,11 +31,10 @@ import triton
 import triton.language as tl
 
 from .triton_experts import (
-    GATE_UP,
     Alignment,
     align,
     combine,
-    expert_tile,
+    gathered_gate_up,
     gathered_gemm,
     launch_gemm,
     on_device,
@@ -76,16 +75,13 @@ def _gate_up_backward_kernel(
                                                            block_rows_ptr, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    offs_k = tl.arange(0, BLOCK_K)
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
-    x_rows = x_ptr + (pairs // topk).to(tl.int64)[:, None] * stride_xt
-    gate_ptrs, gate_k = slot_tile_ptrs(expert, num_experts, inter, gate_ptr, stride_ge, stride_gn, stride_gk,
-                                       shared_gate_ptr, stride_sgn, stride_sgk, offs_n, offs_k, True)
-    up_ptrs, up_k = slot_tile_ptrs(expert, num_experts, inter, up_ptr, stride_ue, stride_un, stride_uk,
-                                   shared_up_ptr, stride_sun, stride_suk, offs_n, offs_k, True)
+    a, b = gathered_gate_up(
+        x_ptr, stride_xt, stride_xh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, hidden_size,
+        gate_ptr, stride_ge, stride_gn, stride_gk, up_ptr, stride_ue, stride_un, stride_uk,
+        shared_gate_ptr, stride_sgn, stride_sgk, shared_up_ptr, stride_sun, stride_suk,
+        True, BLOCK_M, BLOCK_N, BLOCK_K)
     n_mask = offs_n < inter
-    a, b = expert_tile(x_rows, x_rows, stride_xh, row_mask, gate_ptrs, gate_k, up_ptrs, up_k, n_mask, hidden_size,
-                       GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K)
 
     tile = rows.to(tl.int64)[:, None] * stride_rows + offs_n[None, :]
     mask = row_mask[:, None] & n_mask[None, :]
