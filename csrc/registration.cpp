@@ -18,6 +18,12 @@ TORCH_LIBRARY(moe_fusion, m) {
       "float routed_scaling_factor, int num_fused_shared_experts, bool apply_routed_scaling_factor_on_output, "
       "bool weights_from_masked_scores, ScalarType? compute_dtype, ScalarType? weights_dtype, "
       "ScalarType? ids_dtype, *, Tensor(a!) weights_out, Tensor(b!) ids_out) -> ()");
+  // moe_fused_gate's backward without weights_from_masked_scores (ops/gate_autograd.py): the logits'
+  // gradient given the weights' gradient and the ids; `scale` is the routed scaling factor applied to
+  // the weights (1 when the model applies it to the output).
+  m.def(
+      "moe_fused_gate_backward(Tensor grad_weights, Tensor logits, Tensor ids, int topk, str scoring_func, "
+      "bool renormalize, float renormalize_eps, float scale) -> Tensor");
   m.def(
       "fused_experts(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor w_gate, Tensor w_up, "
       "Tensor w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, "

@@ -39,6 +39,11 @@ def _moe_fused_gate_out_fake(logits, bias, num_expert_group, topk_group, topk, s
                     weights_dtype, ids_dtype)
 
 
+@torch.library.register_fake("moe_fusion::moe_fused_gate_backward")
+def _moe_fused_gate_backward_fake(grad_weights, logits, ids, topk, scoring_func, renormalize, renormalize_eps, scale):
+    return logits.new_empty(logits.shape)
+
+
 @torch.library.register_fake("moe_fusion::fused_experts")
 def _fused_experts_fake(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
                         shared_token_weight):

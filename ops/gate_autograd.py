@@ -29,9 +29,11 @@ Nothing but the logits and the ids is saved: the backward recomputes the scores 
 the forward kernels write no extra outputs. The kept groups are recomputed with torch's
 sigmoid/softmax, so where two group scores tie to within the kernel's last-ulp difference from torch
 the backward may treat a pick from one of them differently from the forward. ``gate_logits_grad`` is
-the formula in PyTorch ops: on the CPU, in compiled steps (traced into the backward graph, whose
-kernels Inductor generates) and with ``weights_from_masked_scores``; an eager backward on CUDA runs it
-as one Triton kernel otherwise (ops/triton_gate_backward.py). The ``.out`` overload is not
+the formula in PyTorch ops. The backward runs it inside an op of its own,
+``moe_fusion::moe_fused_gate_backward``, whose CUDA kernel is one Triton kernel
+(ops/triton_gate_backward.py); the op is opaque to ``torch.compile``, so compiled steps run the same
+kernel. ``weights_from_masked_scores`` (the kernel does not recompute the kept groups) and double
+backwards (``create_graph=True``) run the formula's ops directly. The ``.out`` overload is not
 differentiable.
 """
 
@@ -114,21 +116,34 @@ def _backward(ctx, grad_weights, _grad_ids):
     grad_logits = None
     if ctx.needs_input_grad[0]:
         options = ctx.options
-        # The kernel in eager CUDA backwards; a compiled step traces the formula (Inductor compiles it),
-        # and a double backward (create_graph=True: grad mode on) differentiates the formula's ops.
-        use_kernel = logits.is_cuda and not options["weights_from_masked_scores"]
-        if use_kernel and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            from .triton_gate_backward import gate_logits_grad_triton  # Triton is imported on first CUDA use only
-
-            grad_logits = gate_logits_grad_triton(
-                grad_weights, logits, ids, ctx.groups_and_topk[2], scoring_func=options["scoring_func"],
-                renormalize=options["renormalize"], renormalize_eps=options["renormalize_eps"],
-                routed_scaling_factor=options["routed_scaling_factor"],
-                apply_routed_scaling_factor_on_output=options["apply_routed_scaling_factor_on_output"])
-        else:
+        # A double backward (create_graph=True: grad mode on) differentiates the formula's ops; the
+        # opaque op is not differentiable.
+        if options["weights_from_masked_scores"] or torch.is_grad_enabled():
             grad_logits = gate_logits_grad(grad_weights, logits, ids, *ctx.groups_and_topk, **options)
+        else:
+            scale = 1.0 if options["apply_routed_scaling_factor_on_output"] else options["routed_scaling_factor"]
+            grad_logits = torch.ops.moe_fusion.moe_fused_gate_backward(
+                grad_weights, logits, ids, ctx.groups_and_topk[2], options["scoring_func"], options["renormalize"],
+                options["renormalize_eps"], scale)
     # Only the logits get a gradient; the bias and the 15 non-tensor arguments get None.
     return (grad_logits,) + (None,) * 16
+
+
+@torch.library.impl("moe_fusion::moe_fused_gate_backward", "CompositeExplicitAutograd")
+def _gate_backward_formula(grad_weights, logits, ids, topk, scoring_func, renormalize, renormalize_eps, scale):
+    """The op (schema in csrc/registration.cpp) on the CPU: the formula; the groups only matter with
+    weights_from_masked_scores, which never reaches the op."""
+    return gate_logits_grad(
+        grad_weights, logits, ids, 1, 1, topk, scoring_func=scoring_func, group_score_topk=1, masked_score=0.0,
+        renormalize=renormalize, renormalize_eps=renormalize_eps, routed_scaling_factor=scale,
+        apply_routed_scaling_factor_on_output=False, weights_from_masked_scores=False, compute_dtype=None)
+
+
+@torch.library.register_kernel("moe_fusion::moe_fused_gate_backward", "cuda")
+def _gate_backward_cuda(*args):
+    from .triton_gate_backward import gate_logits_grad_triton  # Triton is imported on first CUDA use only
+
+    return gate_logits_grad_triton(*args)
 
 
 torch.library.register_autograd("moe_fusion::moe_fused_gate", _backward, setup_context=_setup_context)

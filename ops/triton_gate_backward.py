@@ -3,11 +3,11 @@
 Per token it recomputes the scores from the logits row, reads the picked scores by the routed ids,
 applies the renormalisation's derivative to the upstream gradient, scatters it onto the picked
 experts (a compare over [K, E] in registers: no atomics) and applies the sigmoid's or the softmax's
-derivative, writing each logit's gradient once. It serves the eager backward on CUDA (about fifteen
-launches of the PyTorch formula become one); compiled training steps trace the PyTorch formula into
-their backward graph, where Inductor generates its kernels with the rest. The mode where picks of
-dropped groups are constants (``weights_from_masked_scores``) needs the kept groups and keeps the
-PyTorch formula.
+derivative, writing each logit's gradient once: about fifteen launches of the PyTorch formula become
+one. It is the CUDA kernel of the op ``moe_fusion::moe_fused_gate_backward`` (an opaque op, so that
+compiled steps run it too and tracing never reaches the kernel with fake tensors). The mode where
+picks of dropped groups are constants (``weights_from_masked_scores``) needs the kept groups and keeps
+the PyTorch formula.
 """
 
 from __future__ import annotations
@@ -59,10 +59,9 @@ def _gate_backward_kernel(
     tl.store(grad_logits_ptr + token * stride_out + offs_e, grad_x.to(grad_logits_ptr.dtype.element_ty), mask=e_mask)
 
 
-def gate_logits_grad_triton(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, topk: int, *,
-                            scoring_func: str, renormalize: bool, renormalize_eps: float,
-                            routed_scaling_factor: float, apply_routed_scaling_factor_on_output: bool) -> torch.Tensor:
-    """gate_logits_grad (ops/gate_autograd.py) for weights_from_masked_scores=False, as one kernel."""
+def gate_logits_grad_triton(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, topk: int,
+                            scoring_func: str, renormalize: bool, renormalize_eps: float, scale: float) -> torch.Tensor:
+    """The CUDA kernel of ``moe_fusion::moe_fused_gate_backward`` (schema in csrc/registration.cpp)."""
     num_experts = logits.shape[-1]
     x = logits.reshape(-1, num_experts)
     grad = grad_weights.reshape(-1, grad_weights.shape[-1])
@@ -71,7 +70,6 @@ def gate_logits_grad_triton(grad_weights: torch.Tensor, logits: torch.Tensor, id
     if x.shape[0] > 0:
         # Rows are read with unit stride along the experts (and the picks).
         x, grad, routed_ids = x.contiguous(), grad.contiguous(), routed_ids.contiguous()
-        scale = 1.0 if apply_routed_scaling_factor_on_output else routed_scaling_factor
         block_e, block_k = triton.next_power_of_2(num_experts), triton.next_power_of_2(topk)
         with on_device(logits.device):
             _gate_backward_kernel[(x.shape[0],)](

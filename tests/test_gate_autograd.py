@@ -249,6 +249,17 @@ def test_opcheck_with_requires_grad(device, name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+def test_opcheck_of_the_backward_op(device, scoring_func):
+    """The backward's own op (the Triton kernel on CUDA): schema, fake tensor and AOT dispatch."""
+    logits = random_logits((2, 3, 64), torch.bfloat16, device, torch.Generator().manual_seed(9))
+    weights, ids = ops.moe_fused_gate(logits, None, 8, 4, 6, scoring_func=scoring_func, num_fused_shared_experts=1)
+    upstream = torch.randn(weights.shape, generator=torch.Generator().manual_seed(10)).to(device)
+    torch.library.opcheck(torch.ops.moe_fusion.moe_fused_gate_backward.default,
+                          (upstream, logits, ids, 6, scoring_func, True, 1e-20, 2.5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bias_and_ids_get_no_gradient(device):
     """The bias only changes the picks: bias.grad stays None (not zeros). The ids are not differentiable."""
     gen = torch.Generator().manual_seed(6)
@@ -336,10 +347,9 @@ def _formula_and_kernel_grads(case, device):
     weights, ids = ops.moe_fused_gate(logits, bias, *groups_and_topk, **options)
     upstream = torch.randn(weights.shape, generator=torch.Generator().manual_seed(case["seed"] + 2)).to(device)
     formula = gate_logits_grad(upstream, logits, ids, *groups_and_topk, **routing_options(options))
-    kernel = gate_logits_grad_triton(
-        upstream, logits, ids, case["topk"], scoring_func=options["scoring_func"], renormalize=options["renormalize"],
-        renormalize_eps=options["renormalize_eps"], routed_scaling_factor=options["routed_scaling_factor"],
-        apply_routed_scaling_factor_on_output=options["apply_routed_scaling_factor_on_output"])
+    scale = 1.0 if options["apply_routed_scaling_factor_on_output"] else options["routed_scaling_factor"]
+    kernel = gate_logits_grad_triton(upstream, logits, ids, case["topk"], options["scoring_func"],
+                                     options["renormalize"], options["renormalize_eps"], scale)
     return formula, kernel
 
 
