@@ -19,8 +19,8 @@ bool is_float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFlo
 // errors from the fake implementation at compile time. Returns S, the number of
 // shared-expert slots.
 int64_t check_experts_args(const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                           const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
-                           const c10::optional<at::Tensor>& shared_gate, const c10::optional<at::Tensor>& shared_up,
+                           const at::Tensor& w_gate, const c10::optional<at::Tensor>& w_up,
+                           const at::Tensor& w_down, const c10::optional<at::Tensor>& shared_gate, const c10::optional<at::Tensor>& shared_up,
                            const c10::optional<at::Tensor>& shared_down,
                            const c10::optional<at::Tensor>& shared_token_weight) {
   MOE_FUSION_CHECK(hidden.dim() == 2, "fused_experts: hidden must be 2-D [T, H], got shape ", hidden.sizes());
@@ -38,12 +38,19 @@ int64_t check_experts_args(const at::Tensor& hidden, const at::Tensor& topk_weig
   MOE_FUSION_CHECK(topk_weights.scalar_type() == at::kFloat || topk_weights.scalar_type() == dtype,
                     "fused_experts: topk_weights must be float32 or hidden's dtype (", dtype, "), got ",
                     topk_weights.scalar_type());
-  MOE_FUSION_CHECK(w_gate.dim() == 3 && w_gate.size(0) >= 1 && w_gate.size(1) >= 1 && w_gate.size(2) == H,
-                    "fused_experts: w_gate must have shape [E, I, H] with E, I >= 1 and H = ", H, ", got ",
-                    w_gate.sizes());
-  const int64_t E = w_gate.size(0), I = w_gate.size(1);
-  MOE_FUSION_CHECK(w_up.sizes() == w_gate.sizes(), "fused_experts: w_up must have w_gate's shape ", w_gate.sizes(),
-                    ", got ", w_up.sizes());
+  if (!w_up.has_value()) {
+    MOE_FUSION_CHECK(w_gate.dim() == 3 && w_gate.size(0) >= 1 && w_gate.size(1) >= 2 && w_gate.size(1) % 2 == 0 &&
+                          w_gate.size(2) == H,
+                      "fused_experts: w_gate must have shape [E, 2I, H] with E, I >= 1 and H = ", H,
+                      " when w_up is None (a fused gate_up: gate rows, then up rows), got ", w_gate.sizes());
+  } else {
+    MOE_FUSION_CHECK(w_gate.dim() == 3 && w_gate.size(0) >= 1 && w_gate.size(1) >= 1 && w_gate.size(2) == H,
+                      "fused_experts: w_gate must have shape [E, I, H] with E, I >= 1 and H = ", H, ", got ",
+                      w_gate.sizes());
+    MOE_FUSION_CHECK(w_up->sizes() == w_gate.sizes(), "fused_experts: w_up must have w_gate's shape ",
+                      w_gate.sizes(), ", got ", w_up->sizes());
+  }
+  const int64_t E = w_gate.size(0), I = w_up.has_value() ? w_gate.size(1) : w_gate.size(1) / 2;
   MOE_FUSION_CHECK(w_down.sizes() == at::IntArrayRef({E, H, I}), "fused_experts: w_down must have shape [E, H, I] = [",
                     E, ", ", H, ", ", I, "], got ", w_down.sizes());
 
@@ -65,7 +72,7 @@ int64_t check_experts_args(const at::Tensor& hidden, const at::Tensor& topk_weig
   }
   const std::vector<std::pair<const char*, const at::Tensor*>> weights = {
       {"w_gate", &w_gate},
-      {"w_up", &w_up},
+      {"w_up", w_up ? &*w_up : nullptr},
       {"w_down", &w_down},
       {"shared_gate", shared_gate ? &*shared_gate : nullptr},
       {"shared_up", shared_up ? &*shared_up : nullptr},
@@ -99,14 +106,18 @@ int64_t check_experts_args(const at::Tensor& hidden, const at::Tensor& topk_weig
 }
 
 at::Tensor fused_experts_cpu(const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                             const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+                             const at::Tensor& w_gate, const c10::optional<at::Tensor>& w_up,
+                             const at::Tensor& w_down,
                              const c10::optional<at::Tensor>& shared_gate, const c10::optional<at::Tensor>& shared_up,
                              const c10::optional<at::Tensor>& shared_down,
                              const c10::optional<at::Tensor>& shared_token_weight) {
   const int64_t S = check_experts_args(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up,
                                        shared_down, shared_token_weight);
   const int64_t T = hidden.size(0), H = hidden.size(1), K = topk_ids.size(1);
-  const int64_t E = w_gate.size(0), I = w_gate.size(1);
+  const int64_t E = w_down.size(0), I = w_down.size(2);
+  // [E, I, H] gate and up weights: w_gate and w_up, or the halves of a fused gate_up.
+  const at::Tensor routed_gate = w_up ? w_gate : w_gate.narrow(1, 0, I);
+  const at::Tensor routed_up = w_up ? *w_up : w_gate.narrow(1, I, I);
   const auto dtype = hidden.scalar_type();
   if (T == 0) return at::empty({0, H}, hidden.options());
 
@@ -135,8 +146,8 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden, const at::Tensor& topk_we
     begin += n;
     const bool shared = e >= E;
     // [I, H], [I, H] and [H, I] views of this expert's weights.
-    const at::Tensor gate = shared ? shared_gate->narrow(0, (e - E) * I, I) : w_gate.select(0, e);
-    const at::Tensor up = shared ? shared_up->narrow(0, (e - E) * I, I) : w_up.select(0, e);
+    const at::Tensor gate = shared ? shared_gate->narrow(0, (e - E) * I, I) : routed_gate.select(0, e);
+    const at::Tensor up = shared ? shared_up->narrow(0, (e - E) * I, I) : routed_up.select(0, e);
     const at::Tensor down = shared ? shared_down->narrow(1, (e - E) * I, I) : w_down.select(0, e);
 
     const at::Tensor tokens = at::floor_divide(pairs, K);

@@ -25,14 +25,14 @@ TORCH_LIBRARY(moe_fusion, m) {
       "moe_fused_gate_backward(Tensor grad_weights, Tensor logits, Tensor ids, int topk, str scoring_func, "
       "bool renormalize, float renormalize_eps, float scale) -> Tensor");
   m.def(
-      "fused_experts(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor w_gate, Tensor w_up, "
+      "fused_experts(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor w_gate, Tensor? w_up, "
       "Tensor w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, "
       "Tensor? shared_token_weight) -> Tensor");
   // fused_experts' backward (implemented in Python, ops/experts_autograd.py): the gradients of the
   // differentiable inputs (all but topk_ids) that `needs_grad` flags, in schema order.
   m.def(
       "fused_experts_backward(Tensor grad_out, Tensor hidden, Tensor topk_weights, Tensor topk_ids, "
-      "Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, "
+      "Tensor w_gate, Tensor? w_up, Tensor w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, "
       "Tensor? shared_token_weight, bool[] needs_grad) -> Tensor[]");
 }
 

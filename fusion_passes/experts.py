@@ -798,6 +798,12 @@ def _plan(meaning: Routed, node: Node, options: Any) -> list | str:
     return sources
 
 
+def _halves_of_one_weight(gate: tuple[Node, int, int], up: tuple[Node, int, int]) -> bool:
+    """Whether gate and up are rows [0, I) and [I, 2I) of one [E, 2I, H] weight (fused_experts' w_up=None form)."""
+    weight, start, stop = gate
+    return start == 0 and up == (weight, stop, 2 * stop) and static_int(fake(weight).shape[1]) == 2 * stop
+
+
 def _emit(graph: Graph, node: Node, meaning: Routed, shape_sources: list) -> None:
     inter, down = meaning.out.inter, meaning.out.down
     build = GraphBuilder(graph, inter.x)
@@ -810,8 +816,11 @@ def _emit(graph: Graph, node: Node, meaning: Routed, shape_sources: list) -> Non
 
     with graph.inserting_before(node):  # every input of the fused op is defined before the sum
         ids = build.call(operator.getitem, (inter.route.gate, 1))
-        fused = build.call(EXPERTS_OP, (inter.x, meaning.out.weights, ids, weight_view(inter.gate),
-                                        weight_view(inter.up), down, None, None, None, None))
+        if _halves_of_one_weight(inter.gate, inter.up):  # one gradient for it, not two views' sum
+            gate, up = inter.gate[0], None
+        else:
+            gate, up = weight_view(inter.gate), weight_view(inter.up)
+        fused = build.call(EXPERTS_OP, (inter.x, meaning.out.weights, ids, gate, up, down, None, None, None, None))
         if meaning.base is not None:  # a plain add, which the shared-expert rewrite can fold
             fused = build.call(aten.add.Tensor, (fused, meaning.base))
         result = build.conform(fused, fake(node), shape_sources)

@@ -303,10 +303,10 @@ def _readings(add: Node) -> list[tuple[Node, Node | None, SharedMLP | str | None
 
 def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, routed_arg: Node,
            shared_arg: Node | None) -> _Plan | str:
-    hidden, w_gate = experts.args[0], experts.args[3]
+    hidden, w_down = experts.args[0], experts.args[5]
     if strip_views(hidden) is not shared.x and shared.x is not hidden:
         return "the shared MLP does not read the tokens the routed experts read"
-    x, inter = fake(hidden), static_int(fake(w_gate).shape[1])
+    x, inter = fake(hidden), static_int(fake(w_down).shape[2])
     gate_shape, down_shape = _weight_value(shared.gate).shape, fake(shared.down).shape
     total = static_int(gate_shape[0])
     if total is None or inter is None or total % inter:

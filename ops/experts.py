@@ -17,7 +17,7 @@ def check_experts_args(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     w_gate: torch.Tensor,
-    w_up: torch.Tensor,
+    w_up: torch.Tensor | None,
     w_down: torch.Tensor,
     shared_gate: torch.Tensor | None,
     shared_up: torch.Tensor | None,
@@ -46,11 +46,18 @@ def check_experts_args(
         fail(f"topk_weights must have topk_ids' shape {list(topk_ids.shape)}, got {list(topk_weights.shape)}")
     if topk_weights.dtype not in (torch.float32, dtype):
         fail(f"topk_weights must be float32 or hidden's dtype ({dtype}), got {topk_weights.dtype}")
-    if w_gate.dim() != 3 or w_gate.shape[0] < 1 or w_gate.shape[1] < 1 or w_gate.shape[2] != hidden_size:
-        fail(f"w_gate must have shape [E, I, H] with E, I >= 1 and H = {hidden_size}, got {list(w_gate.shape)}")
-    num_experts, inter = w_gate.shape[:2]
-    if w_up.shape != w_gate.shape:
-        fail(f"w_up must have w_gate's shape {list(w_gate.shape)}, got {list(w_up.shape)}")
+    if w_up is None:
+        if (w_gate.dim() != 3 or w_gate.shape[0] < 1 or w_gate.shape[1] < 2 or w_gate.shape[1] % 2
+                or w_gate.shape[2] != hidden_size):
+            fail(f"w_gate must have shape [E, 2I, H] with E, I >= 1 and H = {hidden_size} when w_up is None "
+                 f"(a fused gate_up: gate rows, then up rows), got {list(w_gate.shape)}")
+        num_experts, inter = w_gate.shape[0], w_gate.shape[1] // 2
+    else:
+        if w_gate.dim() != 3 or w_gate.shape[0] < 1 or w_gate.shape[1] < 1 or w_gate.shape[2] != hidden_size:
+            fail(f"w_gate must have shape [E, I, H] with E, I >= 1 and H = {hidden_size}, got {list(w_gate.shape)}")
+        num_experts, inter = w_gate.shape[:2]
+        if w_up.shape != w_gate.shape:
+            fail(f"w_up must have w_gate's shape {list(w_gate.shape)}, got {list(w_up.shape)}")
     if w_down.shape != (num_experts, hidden_size, inter):
         fail(
             f"w_down must have shape [E, H, I] = {[num_experts, hidden_size, inter]}, got {list(w_down.shape)}"
@@ -95,12 +102,21 @@ def check_experts_args(
     return num_shared
 
 
+def gate_and_up(w_gate: torch.Tensor, w_up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [E, I, H] gate and up weights of fused_experts' arguments: themselves, or with w_up None the
+    two halves of the fused gate_up w_gate [E, 2I, H] (views: nothing is copied)."""
+    if w_up is not None:
+        return w_gate, w_up
+    inter = w_gate.shape[1] // 2
+    return w_gate[:, :inter], w_gate[:, inter:]
+
+
 def fused_experts(
     hidden: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     w_gate: torch.Tensor,
-    w_up: torch.Tensor,
+    w_up: torch.Tensor | None,
     w_down: torch.Tensor,
     shared_gate: torch.Tensor | None = None,
     shared_up: torch.Tensor | None = None,
@@ -118,10 +134,12 @@ def fused_experts(
         topk_ids: ``[T, K]`` int32 or int64 in ``[0, E + S)``. Ids ``e < E`` select routed expert ``e``;
             ids ``e >= E`` select shared slot ``e - E``. An id repeated in a row contributes once per
             occurrence (the router never repeats one).
-        w_gate, w_up: ``[E, I, H]``; w_down: ``[E, H, I]``; hidden's dtype. Any strides: pass the model's
+        w_gate, w_up: ``[E, I, H]``, or w_gate a fused gate_up ``[E, 2I, H]`` (gate rows, then up rows)
+            and w_up None; w_down: ``[E, H, I]``; hidden's dtype. Any strides: pass the model's
             parameters or views of them, nothing is copied. HF transformers v5 holds
-            ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``: pass ``gate_up_proj[:, :I]``,
-            ``gate_up_proj[:, I:]``, ``down_proj``. torchtitan holds ``w1, w3 [E, I, H]`` and
+            ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``: pass ``gate_up_proj, None,
+            down_proj`` (its gradient is then one tensor, as autograd would otherwise sum the
+            gradients of two views into it). torchtitan holds ``w1, w3 [E, I, H]`` and
             ``w2 [E, H, I]``: pass ``w1, w3, w2``.
         shared_gate, shared_up: ``[S*I, H]``; shared_down: ``[H, S*I]`` (the shared MLP's own
             ``nn.Linear`` weights, or row slices of a fused gate_up Linear), all three or none. The
@@ -156,5 +174,5 @@ def _fused_experts_cuda(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, sh
                                     shared_up, shared_down, shared_token_weight)
     from .triton_experts import fused_experts_triton  # Triton is imported on first CUDA use only
 
-    return fused_experts_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up,
-                                shared_down, shared_token_weight, num_shared)
+    return fused_experts_triton(hidden, topk_weights, topk_ids, *gate_and_up(w_gate, w_up), w_down, shared_gate,
+                                shared_up, shared_down, shared_token_weight, num_shared)

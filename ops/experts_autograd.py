@@ -17,8 +17,9 @@ For the upstream gradient g_t of out[t], the backward is
     dG_e += da^T x_t,   dU_e += db^T x_t,   dx_t += da G_e + db U_e
 
 A shared slot's G_e, U_e and D_e are rows (columns of D) [s*I, (s+1)*I) of the shared weights, so
-its gradients land there. Weights passed as views of one tensor (HF's ``gate_up_proj``) get one
-gradient per view, which autograd sums into that tensor. Pairs with ids outside [0, E + S) add
+its gradients land there. A fused gate_up (w_gate [E, 2I, H], w_up None) gets one gradient whose
+halves the backward writes in place; weights passed as views of one tensor get one gradient per
+view, which autograd sums into that tensor. Pairs with ids outside [0, E + S) add
 nothing (the CPU forward rejects them, the CUDA forward ignores them) and get zero gradients.
 
 Only the inputs are saved: a, b, h and y are recomputed per expert, so training keeps no activation
@@ -44,6 +45,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .experts import gate_and_up
 from .reference import accumulation_dtype, expert_slot_weights, num_expert_slots, pair_weights
 
 # Positions of the op's differentiable inputs (all but topk_ids, 2) in its schema.
@@ -72,24 +74,34 @@ def fused_experts_grads(
     other devices the per-slot loop (`_grads_per_slot`)."""
     need_hidden, need_topk_weights, *need_weights, need_token_weight = needs_grad
     tokens = hidden.shape[0]
-    num_experts = w_gate.shape[0]
-    num_slots = num_expert_slots(w_gate, shared_gate)
+    num_experts = w_down.shape[0]
+    num_slots = num_expert_slots(w_down, shared_gate)
     ids = topk_ids.long()
     work = accumulation_dtype(hidden.dtype)
     token_weight = None if shared_token_weight is None else shared_token_weight.to(work)
     pair_weight = pair_weights(topk_weights.to(work), ids, num_experts, token_weight).reshape(-1)
-    weights = (w_gate, w_up, w_down, shared_gate, shared_up, shared_down)
+    weights = (*gate_and_up(w_gate, w_up), w_down, shared_gate, shared_up, shared_down)
+    runs_triton = _runs_triton(hidden) and tokens > 0
+    # A fused gate_up (w_up None) gets one gradient [E, 2I, H], whose halves the paths below fill.
+    fused_grad = None
+    if w_up is None and need_weights[0]:
+        fused_grad = (torch.empty if runs_triton else torch.zeros)(w_gate.shape, dtype=w_gate.dtype,
+                                                                    device=w_gate.device)
+        need_weights[1] = True
+    gate_up_grads = None if fused_grad is None else gate_and_up(fused_grad, None)
 
-    if _runs_triton(hidden) and tokens > 0:
+    if runs_triton:
         from .triton_experts_backward import experts_grads_triton  # Triton is imported on first CUDA use only
 
         grad_hidden, grad_pair_weight, grad_weights = experts_grads_triton(
             grad_out, hidden, topk_ids, pair_weight.contiguous(), weights, num_slots - num_experts, need_hidden,
-            need_weights)
+            need_weights, gate_up_grads)
     else:
         grad_hidden, grad_pair_weight, grad_weights = _grads_per_slot(
             grad_out, hidden, ids, pair_weight, weights, num_slots, need_hidden,
-            need_topk_weights or need_token_weight, need_weights)
+            need_topk_weights or need_token_weight, need_weights, gate_up_grads)
+    if w_up is None:
+        grad_weights = (fused_grad, None, *grad_weights[2:])
 
     grad_topk_weights = grad_token_weight = None
     if need_topk_weights or need_token_weight:
@@ -109,16 +121,18 @@ def _runs_triton(hidden: torch.Tensor) -> bool:
 
 
 def _grads_per_slot(grad_out, hidden, ids, pair_weight, weights, num_slots, need_hidden, need_pair_weight,
-                    need_weights):
+                    need_weights, gate_up_grads=None):
     """(grad_hidden or None, grad_pair_weight [T*K] in the accumulation dtype or None, the six weight
-    gradients or None) by PyTorch ops over each active slot's rows."""
+    gradients or None) by PyTorch ops over each active slot's rows; `gate_up_grads`, zero-filled
+    buffers for the gate and up gradients (views of a fused one), else they are allocated."""
     tokens, hidden_size = hidden.shape
     topk = ids.shape[1]
     num_experts, inter, _ = weights[0].shape
     dtype = hidden.dtype
     work = accumulation_dtype(dtype)
-    grad_weights = tuple(torch.zeros(w.shape, dtype=w.dtype, device=w.device) if needed else None
-                         for w, needed in zip(weights, need_weights, strict=True))
+    buffers = [*(gate_up_grads or (None, None)), None, None, None, None]
+    grad_weights = [buffer if buffer is not None else torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+                    if needed else None for w, needed, buffer in zip(weights, need_weights, buffers, strict=True)]
     # Per-pair gradients of the pair weight and of the token's row, reduced over K after the loop.
     grad_pair_weight = hidden.new_zeros(ids.numel(), dtype=work) if need_pair_weight else None
     grad_pair_hidden = hidden.new_zeros((ids.numel(), hidden_size), dtype=work) if need_hidden else None

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from .experts import gate_and_up
+
 
 def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x rounded to `dtype` and held in float32 (the eager code's storage rounding); float32 keeps x as is."""
@@ -197,9 +199,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def num_expert_slots(w_gate: torch.Tensor, shared_gate: torch.Tensor | None) -> int:
-    """E + S: the routed experts of w_gate [E, I, H] and the shared slots of shared_gate [S*I, H]."""
-    num_experts, inter, _ = w_gate.shape
+def num_expert_slots(w_down: torch.Tensor, shared_gate: torch.Tensor | None) -> int:
+    """E + S: the routed experts of w_down [E, H, I] and the shared slots of shared_gate [S*I, H]."""
+    num_experts, _, inter = w_down.shape
     return num_experts + (0 if shared_gate is None else shared_gate.shape[0] // inter)
 
 
@@ -238,7 +240,7 @@ def fused_experts_reference(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     w_gate: torch.Tensor,
-    w_up: torch.Tensor,
+    w_up: torch.Tensor | None,
     w_down: torch.Tensor,
     shared_gate: torch.Tensor | None = None,
     shared_up: torch.Tensor | None = None,
@@ -252,6 +254,7 @@ def fused_experts_reference(
     in float64 (the tests differentiate it with autograd). Ids outside ``[0, E + S)`` contribute
     nothing, as in the CUDA kernels (the CPU kernel rejects them).
     """
+    w_gate, w_up = gate_and_up(w_gate, w_up)
     num_experts, inter, _ = w_gate.shape
     dtype = accumulation_dtype(hidden.dtype)
     x = hidden.to(dtype)
@@ -259,7 +262,7 @@ def fused_experts_reference(
     token_weight = None if shared_token_weight is None else shared_token_weight.to(dtype)
     weights = pair_weights(topk_weights.to(dtype), ids, num_experts, token_weight)
     out = torch.zeros_like(x)
-    for e in range(num_expert_slots(w_gate, shared_gate)):
+    for e in range(num_expert_slots(w_down, shared_gate)):
         gate, up, down = expert_slot_weights(e, num_experts, inter, (w_gate, w_up, w_down),
                                              (shared_gate, shared_up, shared_down))
         token, slot = (ids == e).nonzero(as_tuple=True)

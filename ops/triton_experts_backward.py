@@ -53,9 +53,18 @@ class WeightGradTiles(NamedTuple):
     num_stages: int
 
 
-# 16-bit: two [64, 128] float32 accumulators over 8 warps; float32 (FMA dots): smaller tiles.
-_WEIGHT_GRAD_TILES_16BIT = WeightGradTiles(64, 128, 32, 8, 3)
+# 16-bit, per use: the fastest of the configurations benchmarks/tune_weight_grads.py timed on the H200
+# at DeepSeek-V3 TP8 training shapes (benchmarks/RESULTS.md). Float32 (FMA dots): smaller tiles.
+_WEIGHT_GRAD_TILES_GATE_UP = WeightGradTiles(64, 128, 64, 8, 3)  # two [64, 128] accumulators
+_WEIGHT_GRAD_TILES_DOWN = WeightGradTiles(128, 128, 64, 8, 3)
 _WEIGHT_GRAD_TILES_FP32 = WeightGradTiles(32, 64, 16, 4, 2)
+
+
+def weight_grad_tiles(dtype: torch.dtype, two: bool) -> WeightGradTiles:
+    """The weight-gradient kernel's tiles for `dtype`, with two accumulators (gate/up) or one (down)."""
+    if dtype == torch.float32:
+        return _WEIGHT_GRAD_TILES_FP32
+    return _WEIGHT_GRAD_TILES_GATE_UP if two else _WEIGHT_GRAD_TILES_DOWN
 
 
 @triton.jit
@@ -162,16 +171,16 @@ def _weight_grad_kernel(
         tl.store(grad2_ptrs, acc2.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _weight_grads(a, a2, b, row_scale, grads, shared_grads, alignment: Alignment, topk: int, num_experts: int,
-                  a_gathered: bool, b_gathered: bool, slot_along_n2: bool) -> None:
+def weight_grads(a, a2, b, row_scale, grads, shared_grads, alignment: Alignment, topk: int, num_experts: int,
+                 a_gathered: bool, b_gathered: bool, slot_along_n2: bool, tiles: WeightGradTiles | None = None) -> None:
     """Fills `grads` (one or two routed [E, N1, N2] tensors) and `shared_grads` (their 2-D shared
-    counterparts) by _weight_grad_kernel."""
+    counterparts) by _weight_grad_kernel, with `tiles` or weight_grad_tiles' choice."""
     num_slots = alignment.slot_rows.numel()
     _, n1_size, n2_size = grads[0].shape
     two = len(grads) == 2
     grad, grad2 = grads if two else (grads[0], grads[0])
     shared_grad, shared_grad2 = shared_grads if two else (shared_grads[0], shared_grads[0])
-    tiles = _WEIGHT_GRAD_TILES_FP32 if a.dtype == torch.float32 else _WEIGHT_GRAD_TILES_16BIT
+    tiles = tiles or weight_grad_tiles(a.dtype, two)
     slot_size = n2_size if slot_along_n2 else n1_size
     grid = (triton.cdiv(n1_size, tiles.block_n1) * triton.cdiv(n2_size, tiles.block_n2), num_slots)
     launch_gemm(
@@ -187,12 +196,14 @@ def _weight_grads(a, a2, b, row_scale, grads, shared_grads, alignment: Alignment
 
 
 def experts_grads_triton(grad_out, hidden, topk_ids, pair_weight, weights, num_shared: int, need_hidden: bool,
-                         need_weights) -> tuple:
+                         need_weights, gate_up_grads=None) -> tuple:
     """(grad_hidden or None, grad_pair_weight [T*K] float32, the six weight gradients or None).
 
     `pair_weight` is the float32 weight of each pair [T*K] (ops.reference.pair_weights), `weights`
     (w_gate, w_up, w_down, shared_gate, shared_up, shared_down), `need_weights` a flag for each.
-    Gradients of gate/up/shared gate/shared up are computed together when any of them is needed.
+    Gradients of gate/up/shared gate/shared up are computed together when any of them is needed;
+    `gate_up_grads`, buffers of the same strides for the gate and up gradients (views of a fused
+    one), else they are allocated.
     """
     w_gate, w_up, w_down, shared_gate, shared_up, shared_down = weights
     tokens, hidden_size = hidden.shape
@@ -238,15 +249,16 @@ def experts_grads_triton(grad_out, hidden, topk_ids, pair_weight, weights, num_s
             grad_hidden = torch.empty_like(hidden)
             combine(grad_pairs, grad_hidden, ids, num_experts, num_slots)
 
-        grads = [torch.empty(w.shape, dtype=w.dtype, device=w.device) if num_shared or i < 3 else None
-                 for i, w in enumerate(weights)]
+        buffers = [*(gate_up_grads or (None, None)), None, None, None, None]
+        grads = [buffer if buffer is not None else torch.empty(w.shape, dtype=w.dtype, device=w.device)
+                 if num_shared or i < 3 else None for i, (w, buffer) in enumerate(zip(weights, buffers, strict=True))]
         # Without shared slots, one routed expert's gradient stands in for the (never written) shared one.
         shared_grads = grads[3:] if num_shared else [grad[0] for grad in grads[:3]]
         if need_gate_up:
-            _weight_grads(da, db, hidden, None, grads[0:2], shared_grads[0:2], alignment, topk, num_experts,
+            weight_grads(da, db, hidden, None, grads[0:2], shared_grads[0:2], alignment, topk, num_experts,
                           a_gathered=False, b_gathered=True, slot_along_n2=False)
         if need_down:
-            _weight_grads(grad_out, None, h, pair_weight, grads[2:3], shared_grads[2:3], alignment, topk,
+            weight_grads(grad_out, None, h, pair_weight, grads[2:3], shared_grads[2:3], alignment, topk,
                           num_experts, a_gathered=True, b_gathered=False, slot_along_n2=True)
     grad_weights = tuple(g if needed else None for g, needed in zip(grads, need_weights, strict=True))
     return grad_hidden, dp_part.sum(0), grad_weights

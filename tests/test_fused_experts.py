@@ -102,10 +102,14 @@ def make_case(tokens=17, hidden_size=64, inter=32, num_experts=8, topk=2, num_sh
     if num_shared and token_weight:
         shared["shared_token_weight"] = (torch.rand(tokens, generator=gen) * 0.9 + 0.1).to(device, weights_dtype)
 
+    copies = {}
+
     def place(t):
-        # A dtype cast or device move of a view would lose its strides: rebuild the view on the copy.
+        # A dtype cast or device move of a view would lose its strides: rebuild the view on the copy
+        # (one copy per base, so that HF's gate and up views still share gate_up_proj's storage).
         base = t._base if t._base is not None else t
-        return base.to(device, dtype).as_strided(t.shape, t.stride(), t.storage_offset())
+        copy = copies.setdefault(id(base), base.to(device, dtype))
+        return copy.as_strided(t.shape, t.stride(), t.storage_offset())
 
     return Case(place(hidden), weights.to(device, weights_dtype), ids.to(device, ids_dtype), place(w_gate),
                 place(w_up), place(w_down), **{k: place(v) if k != "shared_token_weight" else v
@@ -173,6 +177,19 @@ def test_views_give_what_copies_give(device, layout):
         assert torch.equal(views, contiguous)
     else:
         torch.testing.assert_close(views, contiguous)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gate_up_is_read_as_its_two_halves(device, dtype):
+    """w_up=None: w_gate is HF's gate_up_proj [E, 2I, H], gate rows then up rows; the same result, bit
+    for bit, as passing its two row views."""
+    case = make_case(tokens=21, num_experts=6, topk=3, num_shared=1, dtype=dtype, device=device, layout="hf")
+    gate_up = case.w_gate._base
+    assert gate_up is case.w_up._base and gate_up.shape[1] == 2 * case.w_gate.shape[1]
+    fused = fused_experts(*case.replace(w_gate=gate_up, w_up=None).args())
+    assert torch.equal(fused, fused_experts(*case.args()))
+    assert_matches_reference(fused, case)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -251,6 +268,9 @@ BAD_INPUTS = [
     ("w_gate H", _bad(w_gate=lambda c: c.w_gate[..., 1:]), "w_gate must have shape [E, I, H]"),
     ("w_gate E=0", _bad(w_gate=lambda c: c.w_gate[:0]), "w_gate must have shape [E, I, H]"),
     ("w_up shape", _bad(w_up=lambda c: c.w_up[:, 1:]), "w_up must have w_gate's shape"),
+    ("gate_up odd rows", _bad(w_gate=lambda c: c.w_gate[:, 1:], w_up=None),
+     "w_gate must have shape [E, 2I, H] with E, I >= 1 and H = "),
+    ("gate_up halves", _bad(w_up=None), "w_down must have shape [E, H, I]"),
     ("w_down shape", _bad(w_down=lambda c: c.w_down.transpose(1, 2)), "w_down must have shape [E, H, I]"),
     ("w_down dtype", _bad(w_down=lambda c: c.w_down.double()), "w_down must have hidden's dtype"),
     ("shared partial", _bad(shared_up=None), "shared_gate, shared_up and shared_down must be given together"),

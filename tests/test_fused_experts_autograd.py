@@ -1,9 +1,9 @@
 """Autograd of moe_fusion::fused_experts against float64 autograd through ops.reference.fused_experts_reference.
 
 The op's arguments are built from leaves as a model holds them: HF transformers' fused
-``gate_up_proj [E, 2I, H]`` (and a fused gate_up Linear for the shared MLP), sliced into the op's
-gate and up views, or separate gate and up tensors (torchtitan). Gradients are checked on the leaves,
-so for the fused layout autograd sums the op's gate and up gradients into gate_up through the slices.
+``gate_up_proj [E, 2I, H]``, passed whole (w_up=None, as the rewrite passes it), and a fused gate_up
+Linear for the shared MLP, sliced into the op's shared gate and up views (autograd sums their
+gradients into it); or separate gate and up tensors (torchtitan). Gradients are checked on the leaves.
 Errors are ||grad - expected|| / ||expected|| per leaf (see routing_term_sizes for the routing weights).
 """
 
@@ -44,11 +44,13 @@ def leaves_of(case: Case, layout: str) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone().requires_grad_() for name, t in tensors.items() if t is not None}
 
 
-def op_args(leaves: dict[str, torch.Tensor], topk_ids: torch.Tensor) -> tuple:
-    """fused_experts' arguments from the leaves: gate_up tensors are sliced as HF's experts slice them."""
+def op_args(leaves: dict[str, torch.Tensor], topk_ids: torch.Tensor, gate_up_views: bool = False) -> tuple:
+    """fused_experts' arguments from the leaves: the routed gate_up whole (w_up None), or as its two
+    row views with `gate_up_views`; the shared gate_up Linear as its two row views."""
     inter = leaves["w_down"].shape[-1]
     if "gate_up" in leaves:
-        w_gate, w_up = leaves["gate_up"][:, :inter], leaves["gate_up"][:, inter:]
+        gate_up = leaves["gate_up"]
+        w_gate, w_up = (gate_up[:, :inter], gate_up[:, inter:]) if gate_up_views else (gate_up, None)
     else:
         w_gate, w_up = leaves["w_gate"], leaves["w_up"]
     if "shared_gate_up" in leaves:
@@ -101,6 +103,19 @@ def check_grads(case: Case, layout: str, seed: int = 0) -> None:
         assert want.norm() > 0, f"{name}: the case must give it a gradient"
         error = ((grad.double() - want).norm() / term_sizes.get(name, want).norm()).item()
         assert error <= GRAD_TOLERANCE[case.hidden.dtype], f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_gate_up_gets_the_gradient_of_its_two_views(device):
+    """w_up=None writes gate_up's gradient as one tensor; autograd through two row views sums two
+    gradients into it: the same numbers, bit for bit."""
+    case = make_case(tokens=40, num_experts=6, topk=3, num_shared=1, dtype=torch.bfloat16, device=device)
+    leaves = leaves_of(case, "gate_up")
+    upstream = random_upstream(case.hidden.shape, torch.bfloat16, device, seed=11)
+    fused, views = (torch.autograd.grad(fused_experts(*op_args(leaves, case.topk_ids, gate_up_views=views)),
+                                        leaves["gate_up"], upstream)[0] for views in (False, True))
+    assert fused.abs().max() > 0
+    assert torch.equal(fused, views)
 
 
 # (tokens, E, K, S, shared_token_weight, topk_weights' dtype: None for hidden's); K > E repeats ids in a row.
