@@ -17,7 +17,13 @@ made symbolic on a recompile) is exported symbolic too (``Dim.AUTO``, symbolic s
 integers), and the rewrites write symbolic sizes as ``aten.sym_size`` reads, never as export's
 symbols, so Inductor can retrace the module against Dynamo's. If export made such a size a constant
 the graph keeps the post-grad path, as do graphs export cannot trace and graphs with inputs export
-does not take (Dynamo's symbolic floats, ``dynamic=True``); the report says why.
+does not take; the report says why.
+
+Python floats (an epsilon, a routed scaling factor) are graph inputs under ``dynamic=True``: Dynamo
+passes them as 0-dim float64 tensors the graph reads with ``.item()``, and export cannot trace the
+model's ops on those symbolic floats. The pass then asks Dynamo to trace the frame again with them
+specialised (constants, guarded: a changed value recompiles), as Inductor does for floats it cannot
+turn into tensors (``torch/fx/passes/_tensorify_python_scalars.py``).
 """
 
 from __future__ import annotations
@@ -54,9 +60,13 @@ class BeforeAutograd:
 def rewrite_before_autograd(gm: GraphModule, example_inputs: list[Any],
                             run_rewrites: Callable[[Graph], GraphReport]) -> BeforeAutograd:
     """Exports `gm` to functional ATen, runs `run_rewrites` on it and, if anything was rewritten,
-    returns the rewritten graph as a module taking and returning what `gm` does."""
+    returns the rewritten graph as a module taking and returning what `gm` does. Raises Dynamo's
+    restart (see the module docstring) when `gm` has float inputs to specialise first."""
     if not _has_topk(gm):  # no routing (every spelling ends in a top-k): spare the export
         return BeforeAutograd(None, GraphReport(collector.next_index()), False)
+    floats = _float_inputs(gm)
+    if floats:
+        return BeforeAutograd(None, _specialise_floats(floats), True)
     # Outside Dynamo's tracing context: export would otherwise trace in Dynamo's fake mode and add its
     # own symbols and guards to the shape environment whose guards protect this graph; the rewrites
     # then compute in export's fake mode.
@@ -172,6 +182,34 @@ def _specialised_sizes(program: torch.export.ExportedProgram, dynamic_shapes: tu
             specialised += [f"input {position} size({dim}) = {value.shape[dim]}" for dim in dims
                             if isinstance(value.shape[dim], int)]
     return ", ".join(specialised)
+
+
+def _float_inputs(gm: GraphModule) -> dict[str, str]:
+    """Dynamo's float inputs (0-dim tensors that the graph only reads with .item()): the name of each
+    one's symbolic float -> the input's name."""
+    floats = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        traced = node.meta.get("example_value")
+        memo = getattr(traced, "item_memo", None)
+        if (memo is not None and node.users and all(user.target == "item" for user in node.users)
+                and hasattr(memo.node._expr, "name")):
+            floats[memo.node._expr.name] = node.name
+    return floats
+
+
+def _specialise_floats(floats: dict[str, str]) -> GraphReport:
+    """Asks Dynamo to trace again with `floats` specialised, by the restart Inductor's float pass raises;
+    the refusal to report where Dynamo specialised them already and still passes them."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    if not any(TensorifyState.should_specialize(symbol) for symbol in floats):
+        for symbol in floats:
+            TensorifyState.specialize(symbol)
+        raise TensorifyScalarRestartAnalysis
+    return _refused(f"Dynamo passes Python floats as graph inputs ({', '.join(floats.values())}; dynamic=True) "
+                    "although they were to be specialised; torch.export cannot trace the model's ops on them. "
+                    "torch._dynamo.config.specialize_float = True avoids this")
 
 
 def _has_topk(gm: GraphModule) -> bool:

@@ -104,6 +104,42 @@ def test_dynamic_training_graphs_are_rewritten_before_autograd(how):
     assert calls == {GATE: layers, EXPERTS: layers, GATE_BACKWARD: layers, EXPERTS_BACKWARD: layers}
 
 
+@pytest.mark.parametrize("how", ["backend", "install"])
+def test_dynamic_true_floats_are_specialised(how):
+    """torch.compile(dynamic=True) makes Python floats (epsilons, the routed scaling factor) graph
+    inputs, which export cannot trace: Dynamo traces again with them specialised (guarded constants),
+    the graph is rewritten and serves every length; a changed float recompiles, rewritten again."""
+    pytest.importorskip("transformers")
+    from fusion_passes.hf_examples import tiny_hf_moe
+
+    model = tiny_hf_moe("deepseek_v3").train()
+    layers = model.config.num_hidden_layers
+    uninstall = fusion_passes.install(fuse_experts_on_cpu=True) if how == "install" else None
+    try:
+        torch._dynamo.reset()
+        collector.take()
+        backend = "inductor" if uninstall else fusion_passes.make_backend(fuse_experts_on_cpu=True)
+        compiled = torch.compile(model, backend=backend, dynamic=True)
+        with no_compile_caches():
+            for step, length in enumerate((9, 13, 13)):
+                if step == 2:  # the routers' float: a guarded constant now, so the step recompiles
+                    for router in (m for m in model.modules() if hasattr(m, "e_score_correction_bias")):
+                        router.routed_scaling_factor /= 2
+                tokens = torch.randint(0, model.config.vocab_size, (2, length),
+                                       generator=torch.Generator().manual_seed(length))
+                eager_loss, eager_grads = _loss_and_grads(model, tokens)
+                loss, grads = _loss_and_grads(compiled, tokens)
+                report = collector.take()
+                assert not report.refusals, [r.reason for r in report.refusals]
+                assert report.count("experts") == (0 if step == 1 else layers), (step, report.tally())
+                _assert_step_matches_eager(loss, grads, eager_loss, eager_grads, atol=1e-6)
+            calls = fused_op_calls(_loss_and_grads, compiled, tokens)
+    finally:
+        if uninstall:
+            uninstall()
+    assert calls == {GATE: layers, EXPERTS: layers, GATE_BACKWARD: layers, EXPERTS_BACKWARD: layers}
+
+
 def test_export_that_makes_a_dynamic_size_constant_is_refused(monkeypatch):
     """If export traced a size Dynamo keeps symbolic as a constant, the rewritten graph would be wrong
     for other sizes: the graph keeps the post-grad path instead, and says why."""
