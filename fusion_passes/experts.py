@@ -768,7 +768,11 @@ def _unrecognized(analysis: ExpertsAnalysis, found: set[Route]) -> list[Refusal]
 
 def _spelling(meaning: Routed) -> str:
     inter = meaning.out.inter
-    layout = "gate_up [E, 2I, H]" if inter.gate[0] is inter.up[0] else "separate gate and up [E, I, H]"
+    layout = "separate gate and up [E, I, H]"
+    if _halves_of_one_weight(inter.gate, inter.up):
+        layout = "gate_up [E, 2I, H] (passed whole: one gradient)"
+    elif inter.gate[0] is inter.up[0]:
+        layout = "gate and up rows of one weight"
     way = "sort by expert + grouped_mm" if inter.space == "sorted" else "per-pick bmm"
     total = "weighted sum over the picks" + (" added onto another tensor" if meaning.base is not None else "")
     return f"{way}; {layout}; silu(gate) * up; down [E, H, I]; {total}"

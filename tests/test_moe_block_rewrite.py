@@ -151,7 +151,8 @@ def test_torchtitan_routed_experts_without_shared_expert(histc_max):
     compiled, outputs, report = compile_with_report(block, x)
     assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 0], \
         [r.reason for r in report.refusals]
-    assert next(r for r in report.rewrites if r.pass_name == "experts").params["added_to"] is None
+    experts = next(r for r in report.rewrites if r.pass_name == "experts")
+    assert experts.params["added_to"] is None and "separate gate and up" in experts.spelling
     with torch.no_grad():
         assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
         _compare(outputs, block(x), torch.bfloat16)
@@ -345,6 +346,8 @@ def test_hf_transformers_models_fuse_routing_experts_and_shared(kind, experts_im
     assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [layers] * 3
     slots = {r.params["shared_slots"] for r in report.rewrites if r.pass_name == "shared_experts"}
     assert slots == {model.config.n_shared_experts}
+    # HF's gate_up_proj reaches fused_experts whole (w_up=None): one gradient, no two views.
+    assert all("passed whole" in r.spelling for r in report.rewrites if r.pass_name == "experts")
     with torch.no_grad():
         assert fused_op_calls(compiled, tokens) == {GATE: layers, EXPERTS: layers}
         tolerance = 1e-5 if device == "cpu" else 1e-4  # CUDA: other summation orders in float32
