@@ -10,6 +10,7 @@ import torch
 
 from .experts import check_experts_args
 from .gate import check_gate_args
+from .gate_autograd import check_gate_backward_args
 
 
 @torch.library.register_fake("moe_fusion::moe_fused_gate")
@@ -41,6 +42,7 @@ def _moe_fused_gate_out_fake(logits, bias, num_expert_group, topk_group, topk, s
 
 @torch.library.register_fake("moe_fusion::moe_fused_gate_backward")
 def _moe_fused_gate_backward_fake(grad_weights, logits, ids, topk, scoring_func, renormalize, renormalize_eps, scale):
+    check_gate_backward_args(grad_weights, logits, ids, topk, scoring_func, renormalize_eps, scale)
     return logits.new_empty(logits.shape)
 
 

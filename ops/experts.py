@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .gate import FLOAT_DTYPES
 
 
 def check_experts_args(
@@ -34,7 +34,7 @@ def check_experts_args(
 
     if hidden.dim() != 2:
         fail(f"hidden must be 2-D [T, H], got shape {list(hidden.shape)}")
-    if hidden.dtype not in _FLOAT_DTYPES:
+    if hidden.dtype not in FLOAT_DTYPES:
         fail(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     tokens, hidden_size = hidden.shape
     dtype = hidden.dtype

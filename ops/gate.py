@@ -10,7 +10,8 @@ import math
 
 import torch
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The floating-point dtypes the ops take (logits, hidden states, weights).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_gate_args(
@@ -37,7 +38,7 @@ def check_gate_args(
     def fail(message: str) -> None:
         raise ValueError(f"moe_fused_gate: {message}")
 
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         fail(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() < 1:
         fail("logits must have at least one dimension")
@@ -80,13 +81,13 @@ def check_gate_args(
     if bias is not None:
         if bias.dim() != 1 or int(bias.shape[0]) != num_experts:
             fail(f"bias must have shape [E] = [{num_experts}], got {list(bias.shape)}")
-        if bias.dtype not in _FLOAT_DTYPES:
+        if bias.dtype not in FLOAT_DTYPES:
             fail(f"bias must be float32, bfloat16 or float16, got {bias.dtype}")
         if bias.device != logits.device:
             fail(f"bias must be on the logits' device ({logits.device}), got {bias.device}")
-    if compute_dtype not in (None, *_FLOAT_DTYPES):
+    if compute_dtype not in (None, *FLOAT_DTYPES):
         fail(f"compute_dtype must be None, float32, bfloat16 or float16, got {compute_dtype}")
-    if weights_dtype not in (None, *_FLOAT_DTYPES):
+    if weights_dtype not in (None, *FLOAT_DTYPES):
         fail(f"weights_dtype must be float32, bfloat16 or float16, got {weights_dtype}")
     if ids_dtype not in (None, torch.int32, torch.int64):
         fail(f"ids_dtype must be int32 or int64, got {ids_dtype}")

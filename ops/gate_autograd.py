@@ -39,8 +39,11 @@ differentiable.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .gate import FLOAT_DTYPES
 from .reference import gate_scores, kept_experts, picked_scores, rounded
 
 
@@ -129,10 +132,44 @@ def _backward(ctx, grad_weights, _grad_ids):
     return (grad_logits,) + (None,) * 16
 
 
+def check_gate_backward_args(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, topk: int,
+                             scoring_func: str, renormalize_eps: float, scale: float) -> None:
+    """Raises ValueError naming the argument of ``moe_fused_gate_backward`` and the rule it breaks.
+    Metadata only: the ids' values (moe_fused_gate's output) are not read, so no device synchronises."""
+
+    def fail(message: str) -> None:
+        raise ValueError(f"moe_fused_gate_backward: {message}")
+
+    if logits.dtype not in FLOAT_DTYPES:
+        fail(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        fail(f"logits must have shape [..., E] with E >= 1, got {list(logits.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        fail(f"ids must be int32 or int64, got {ids.dtype}")
+    if ids.dim() != logits.dim() or ids.shape[:-1] != logits.shape[:-1]:
+        fail(f"ids must have shape [..., K] with logits' leading shape {list(logits.shape[:-1])}, "
+             f"got {list(ids.shape)}")
+    if not 1 <= topk <= min(64, ids.shape[-1]):
+        fail(f"topk must be in [1, min(64, ids.size(-1) = {ids.shape[-1]})], got {topk}")
+    if grad_weights.shape != ids.shape or grad_weights.dtype not in FLOAT_DTYPES:
+        fail(f"grad_weights must be a float32, bfloat16 or float16 tensor of ids' shape {list(ids.shape)}, "
+             f"got {grad_weights.dtype} {list(grad_weights.shape)}")
+    if scoring_func not in ("sigmoid", "softmax"):
+        fail(f"scoring_func must be 'sigmoid' or 'softmax', got '{scoring_func}'")
+    if not (math.isfinite(renormalize_eps) and renormalize_eps >= 0):
+        fail(f"renormalize_eps must be finite and >= 0, got {renormalize_eps}")
+    if not math.isfinite(scale):
+        fail(f"scale must be finite, got {scale}")
+    for name, tensor in (("grad_weights", grad_weights), ("ids", ids)):
+        if tensor.device != logits.device:
+            fail(f"{name} must be on the logits' device ({logits.device}), got {tensor.device}")
+
+
 @torch.library.impl("moe_fusion::moe_fused_gate_backward", "CompositeExplicitAutograd")
 def _gate_backward_formula(grad_weights, logits, ids, topk, scoring_func, renormalize, renormalize_eps, scale):
     """The op (schema in csrc/registration.cpp) on the CPU: the formula; the groups only matter with
     weights_from_masked_scores, which never reaches the op."""
+    check_gate_backward_args(grad_weights, logits, ids, topk, scoring_func, renormalize_eps, scale)
     return gate_logits_grad(
         grad_weights, logits, ids, 1, 1, topk, scoring_func=scoring_func, group_score_topk=1, masked_score=0.0,
         renormalize=renormalize, renormalize_eps=renormalize_eps, routed_scaling_factor=scale,
@@ -140,10 +177,11 @@ def _gate_backward_formula(grad_weights, logits, ids, topk, scoring_func, renorm
 
 
 @torch.library.register_kernel("moe_fusion::moe_fused_gate_backward", "cuda")
-def _gate_backward_cuda(*args):
+def _gate_backward_cuda(grad_weights, logits, ids, topk, scoring_func, renormalize, renormalize_eps, scale):
+    check_gate_backward_args(grad_weights, logits, ids, topk, scoring_func, renormalize_eps, scale)
     from .triton_gate_backward import gate_logits_grad_triton  # Triton is imported on first CUDA use only
 
-    return gate_logits_grad_triton(*args)
+    return gate_logits_grad_triton(grad_weights, logits, ids, topk, scoring_func, renormalize, renormalize_eps, scale)
 
 
 torch.library.register_autograd("moe_fusion::moe_fused_gate", _backward, setup_context=_setup_context)

@@ -7,6 +7,7 @@ them), so a kernel that breaks an ulp-level tie differently from torch cannot ma
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -257,6 +258,43 @@ def test_opcheck_of_the_backward_op(device, scoring_func):
     upstream = torch.randn(weights.shape, generator=torch.Generator().manual_seed(10)).to(device)
     torch.library.opcheck(torch.ops.moe_fusion.moe_fused_gate_backward.default,
                           (upstream, logits, ids, 6, scoring_func, True, 1e-20, 2.5))
+
+
+def _bad_backward(device, **changes):
+    """moe_fused_gate_backward's arguments (5 tokens, 64 experts, top 6 + 1 shared) on `device`, with `changes`."""
+    args = dict(grad_weights=torch.randn(5, 7, device=device), logits=torch.randn(5, 64, device=device),
+                ids=torch.randint(0, 64, (5, 7), dtype=torch.int32, device=device),
+                topk=6, scoring_func="sigmoid", renormalize=True, renormalize_eps=0.0, scale=2.5)
+    return {**args, **{name: change(args) if callable(change) else change for name, change in changes.items()}}
+
+
+def _ids_elsewhere(args):
+    ids = args["ids"]
+    return torch.zeros(ids.shape, dtype=ids.dtype, device="cpu" if ids.is_meta else "meta")
+
+
+BAD_BACKWARD_ARGS = {
+    "logits int": (dict(logits=lambda a: a["logits"].long()), "logits must be float32, bfloat16 or float16"),
+    "ids float": (dict(ids=lambda a: a["ids"].float()), "ids must be int32 or int64"),
+    "ids rows": (dict(ids=lambda a: a["ids"][1:]), "ids must have shape [..., K] with logits' leading shape [5]"),
+    "topk > K": (dict(topk=8), "topk must be in [1, min(64, ids.size(-1) = 7)], got 8"),
+    "topk 0": (dict(topk=0), "topk must be in [1, min(64, ids.size(-1) = 7)], got 0"),
+    "grad shape": (dict(grad_weights=lambda a: a["grad_weights"][:, :6]), "grad_weights must be a float32"),
+    "scoring": (dict(scoring_func="relu"), "scoring_func must be 'sigmoid' or 'softmax', got 'relu'"),
+    "eps": (dict(renormalize_eps=-1.0), "renormalize_eps must be finite and >= 0"),
+    "scale": (dict(scale=float("nan")), "scale must be finite"),
+    "device": (dict(ids=_ids_elsewhere), "ids must be on the logits' device"),
+}
+
+
+@pytest.mark.parametrize("device", [*DEVICES, "meta"])
+@pytest.mark.parametrize("name", sorted(BAD_BACKWARD_ARGS))
+def test_backward_op_rejects_bad_arguments(device, name):
+    """The backward's op (also callable directly) checks what it is given, on every device and at
+    trace time (meta: the fake impl)."""
+    changes, message = BAD_BACKWARD_ARGS[name]
+    with pytest.raises(ValueError, match="^moe_fused_gate_backward: " + re.escape(message)):
+        torch.ops.moe_fusion.moe_fused_gate_backward(**_bad_backward(device, **changes))
 
 
 @pytest.mark.parametrize("device", DEVICES)
