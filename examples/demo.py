@@ -17,6 +17,7 @@ import torch
 
 import fusion_passes
 from fusion_passes.example_model import ExampleMoEModel
+from fusion_passes.hf_examples import KINDS, tiny_hf_moe
 
 
 def _has_transformers() -> bool:
@@ -31,8 +32,6 @@ def build_model(name: str) -> tuple[torch.nn.Module, int, str]:
     if name == "example":
         model = ExampleMoEModel().eval()
         return model, model.cfg.vocab_size, "the built-in DeepSeek-V3-style model (fusion_passes.example_model)"
-    from fusion_passes.hf_examples import tiny_hf_moe
-
     kind = name.removeprefix("hf-")
     model = tiny_hf_moe(kind)
     return model, model.config.vocab_size, f"HF transformers {type(model).__name__} (tiny random config)"
@@ -62,7 +61,7 @@ def main() -> int:
     default_model = "hf-deepseek_v3" if _has_transformers() else "example"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=default_model,
-                        choices=["example", "hf-deepseek_v3", "hf-glm4_moe", "hf-deepseek_v2"])
+                        choices=["example", *(f"hf-{kind}" for kind in KINDS)])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=4)

@@ -15,17 +15,16 @@ import torch
 
 from .example_model import ExampleMoEModel
 from .explain import explain
+from .hf_examples import KINDS, tiny_hf_moe
 from .inductor_backend import REWRITES
 
-MODELS = ("example", "hf-deepseek_v3", "hf-glm4_moe", "hf-deepseek_v2")
+MODELS = ("example", *(f"hf-{kind}" for kind in KINDS))
 
 
 def build(name: str) -> tuple[torch.nn.Module, int]:
     if name == "example":
         model = ExampleMoEModel().eval()
         return model, model.cfg.vocab_size
-    from .hf_examples import tiny_hf_moe
-
     model = tiny_hf_moe(name.removeprefix("hf-"))
     return model, model.config.vocab_size
 

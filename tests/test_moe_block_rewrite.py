@@ -331,8 +331,14 @@ def test_each_rewrite_can_be_switched_off():
         assert report.count("shared_experts") == 0
 
 
+# Per HF kind (tiny configs of fusion_passes.hf_examples): the shared slots each layer's shared
+# expert becomes (None: no shared expert) and whether a per-token sigmoid gates it.
+HF_SHARED = {"deepseek_v3": (1, False), "glm4_moe": (1, False), "deepseek_v2": (2, False), "qwen3_moe": (None, False),
+             "qwen2_moe": (2, True)}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["deepseek_v3", "glm4_moe", "deepseek_v2"])
+@pytest.mark.parametrize("kind", sorted(HF_SHARED))
 @pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
 def test_hf_transformers_models_fuse_routing_experts_and_shared(kind, experts_implementation, device):
     pytest.importorskip("transformers")
@@ -342,10 +348,12 @@ def test_hf_transformers_models_fuse_routing_experts_and_shared(kind, experts_im
     tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1)).to(device)
     compiled, outputs, report = compile_with_report(model, tokens)
     layers = model.config.num_hidden_layers
+    shared_slots, token_gate = HF_SHARED[kind]
     assert not internal_errors(report) and not report.refusals, [r.reason for r in report.refusals]
-    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [layers] * 3
-    slots = {r.params["shared_slots"] for r in report.rewrites if r.pass_name == "shared_experts"}
-    assert slots == {model.config.n_shared_experts}
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == \
+        [layers, layers, 0 if shared_slots is None else layers]
+    shared = [r.params for r in report.rewrites if r.pass_name == "shared_experts"]
+    assert all(p["shared_slots"] == shared_slots and p["token_gate"] == token_gate for p in shared), shared
     # HF's gate_up_proj reaches fused_experts whole (w_up=None): one gradient, no two views.
     assert all("passed whole" in r.spelling for r in report.rewrites if r.pass_name == "experts")
     with torch.no_grad():

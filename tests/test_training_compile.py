@@ -43,6 +43,7 @@ def _compile(model):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind, experts_implementation", [
     ("deepseek_v3", "grouped_mm"), ("deepseek_v3", "batched_mm"), ("deepseek_v2", "grouped_mm"),
+    ("qwen3_moe", "grouped_mm"), ("qwen2_moe", "batched_mm"),
 ])
 def test_training_step_runs_the_fused_ops_and_matches_eager(kind, experts_implementation, device):
     """On CUDA the experts' backward runs the Triton kernels; on the CPU the per-expert loop."""
@@ -65,7 +66,8 @@ def test_training_step_runs_the_fused_ops_and_matches_eager(kind, experts_implem
         calls = fused_op_calls(_loss_and_grads, compiled, tokens)
 
     assert not internal_errors(report) and not report.refusals, [r.reason for r in report.refusals]
-    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [layers] * 3
+    shared_layers = 0 if kind == "qwen3_moe" else layers  # Qwen3-MoE has no shared expert
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [layers, layers, shared_layers]
     # Forward: one gate and one fused_experts per layer; backward: each one's backward op, but
     # DeepseekV2's gate, whose weights come from the masked scores, differentiates through the formula.
     expected = {GATE: layers, EXPERTS: layers, GATE_BACKWARD: layers, EXPERTS_BACKWARD: layers}
