@@ -25,10 +25,6 @@ Positions inside one expert's segment come from atomics in the forward and may d
 the result does not, because each output row of a GEMM tile depends only on its own input row. The
 backward sums over a segment's rows (weight gradients), so its alignment is stable: rows in pair
 order, the same on every run.
-
-Integer arguments that follow the token count (pairs, blocks) are not specialised
-(``do_not_specialize``): Triton would otherwise compile a variant per value class (1, a multiple of
-16, other) of each, where they only bound loops and masks; one variant serves every token count.
 """
 
 from __future__ import annotations
@@ -85,7 +81,7 @@ def tile_config(num_pairs: int, num_slots: int, dtype: torch.dtype) -> TileConfi
     raise AssertionError("unreachable: the last row of each table has no limit")
 
 
-@triton.jit(do_not_specialize=["num_pairs", "num_blocks", "pairs_per_program"])  # token counts: see the docstring
+@triton.jit
 def _align_kernel(
     ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr, scratch_ptr, slot_start_ptr, slot_rows_ptr,
     num_pairs, num_slots, num_blocks, pairs_per_program,
@@ -286,7 +282,7 @@ def gathered_gate_up(
     return gate, up
 
 
-@triton.jit(do_not_specialize=["num_blocks"])
+@triton.jit
 def _gate_up_kernel(
     x_ptr, act_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
     gate_ptr, up_ptr, shared_gate_ptr, shared_up_ptr,
@@ -318,7 +314,7 @@ def _gate_up_kernel(
     tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_n < inter)[None, :])
 
 
-@triton.jit(do_not_specialize=["num_blocks"])
+@triton.jit
 def _down_kernel(
     act_ptr, act2_ptr, y_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
     down_ptr, down2_ptr, shared_down_ptr, shared_down2_ptr,

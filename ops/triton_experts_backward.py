@@ -67,7 +67,7 @@ def weight_grad_tiles(dtype: torch.dtype, two: bool) -> WeightGradTiles:
     return _WEIGHT_GRAD_TILES_GATE_UP if two else _WEIGHT_GRAD_TILES_DOWN
 
 
-@triton.jit(do_not_specialize=["num_blocks", "num_pairs"])  # token counts (see ops/triton_experts.py)
+@triton.jit
 def _gate_up_backward_kernel(
     x_ptr, u_ptr, h_ptr, da_ptr, db_ptr, dp_part_ptr, pair_weight_ptr,
     sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
