@@ -80,8 +80,8 @@ def tune(tokens: int, shape: tuple[int, int, int, int, int]) -> None:
           f"S={num_shared}: {ids.numel() / slots:.0f} rows per slot")
     print("| launch | tiles (N1 x N2, rows per step, warps, stages) | us | vs current | max diff vs current |")
     print("|---|---|---|---|---|")
-    for name, launch, two in (("gate/up", gate_up, True), ("down", down, False)):
-        current = weight_grad_tiles(dtype, two)
+    for name, launch in (("gate/up", gate_up), ("down", down)):
+        current = weight_grad_tiles(dtype)
         expected, baseline = launch(current), None
         for tiles in [current] + [t for t in CANDIDATES if t != current]:
             label = f"{tiles.block_n1}x{tiles.block_n2}, {tiles.block_r}, {tiles.num_warps}, {tiles.num_stages}"

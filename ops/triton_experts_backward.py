@@ -53,18 +53,15 @@ class WeightGradTiles(NamedTuple):
     num_stages: int
 
 
-# 16-bit, per use: the fastest of the configurations benchmarks/tune_weight_grads.py timed on the H200
-# at DeepSeek-V3 TP8 training shapes (benchmarks/RESULTS.md). Float32 (FMA dots): smaller tiles.
-_WEIGHT_GRAD_TILES_GATE_UP = WeightGradTiles(64, 128, 64, 8, 3)  # two [64, 128] accumulators
-_WEIGHT_GRAD_TILES_DOWN = WeightGradTiles(128, 128, 64, 8, 3)
+# 16-bit: two [64, 128] float32 accumulators over 8 warps; float32 (FMA dots): smaller tiles.
+# benchmarks/tune_weight_grads.py searches others (benchmarks/RESULTS.md).
+_WEIGHT_GRAD_TILES_16BIT = WeightGradTiles(64, 128, 32, 8, 3)
 _WEIGHT_GRAD_TILES_FP32 = WeightGradTiles(32, 64, 16, 4, 2)
 
 
-def weight_grad_tiles(dtype: torch.dtype, two: bool) -> WeightGradTiles:
-    """The weight-gradient kernel's tiles for `dtype`, with two accumulators (gate/up) or one (down)."""
-    if dtype == torch.float32:
-        return _WEIGHT_GRAD_TILES_FP32
-    return _WEIGHT_GRAD_TILES_GATE_UP if two else _WEIGHT_GRAD_TILES_DOWN
+def weight_grad_tiles(dtype: torch.dtype) -> WeightGradTiles:
+    """The weight-gradient kernel's tiles for `dtype`."""
+    return _WEIGHT_GRAD_TILES_FP32 if dtype == torch.float32 else _WEIGHT_GRAD_TILES_16BIT
 
 
 @triton.jit
@@ -180,7 +177,7 @@ def weight_grads(a, a2, b, row_scale, grads, shared_grads, alignment: Alignment,
     two = len(grads) == 2
     grad, grad2 = grads if two else (grads[0], grads[0])
     shared_grad, shared_grad2 = shared_grads if two else (shared_grads[0], shared_grads[0])
-    tiles = tiles or weight_grad_tiles(a.dtype, two)
+    tiles = tiles or weight_grad_tiles(a.dtype)
     slot_size = n2_size if slot_along_n2 else n1_size
     grid = (triton.cdiv(n1_size, tiles.block_n1) * triton.cdiv(n2_size, tiles.block_n2), num_slots)
     launch_gemm(

@@ -67,10 +67,10 @@ def test_gemm_kernels_compile_for_every_tile_row(dtype):
 
 @pytest.mark.parametrize("dtype", sorted(TABLES))
 def test_weight_gradient_kernel_compiles(dtype):
+    tiles = backward.weight_grad_tiles(torch.float32 if dtype == "*fp32" else torch.bfloat16)
+    meta = dict(BLOCK_N1=tiles.block_n1, BLOCK_N2=tiles.block_n2, BLOCK_R=tiles.block_r)
     # The two uses: gate/up (two accumulators, x gathered) and down (scaled upstream gradient gathered).
     for two, scaled in ((True, False), (False, True)):
-        tiles = backward.weight_grad_tiles(torch.float32 if dtype == "*fp32" else torch.bfloat16, two)
-        meta = dict(BLOCK_N1=tiles.block_n1, BLOCK_N2=tiles.block_n2, BLOCK_R=tiles.block_r)
         compile_for_hopper(backward._weight_grad_kernel, dtype, tiles.num_warps, tiles.num_stages, A_GATHERED=scaled,
                            B_GATHERED=two, SCALED=scaled, TWO=two, SLOT_ALONG_N2=scaled, **meta)
 
