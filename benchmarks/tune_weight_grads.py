@@ -55,6 +55,7 @@ def tune(tokens: int, shape: tuple[int, int, int, int, int]) -> None:
     shared = torch.arange(num_experts, num_experts + num_shared, device="cuda").expand(tokens, -1)
     ids = torch.cat([routed, shared], 1).to(torch.int32).contiguous()
     slots, pairs_per_token = num_experts + num_shared, topk + num_shared
+    rows_per_slot = ids.numel() / slots
     alignment = align(ids, slots, tile_config(ids.numel(), slots, dtype).block_m, stable=True)
     rows = alignment.num_blocks * alignment.block_m
     x, upstream = randn(tokens, hidden_size), randn(tokens, hidden_size)
@@ -69,20 +70,20 @@ def tune(tokens: int, shape: tuple[int, int, int, int, int]) -> None:
     def gate_up(tiles):
         weight_grads(da, db, x, None, gate_up_grads, shared_gate_up_grads, alignment, pairs_per_token, num_experts,
                      a_gathered=False, b_gathered=True, slot_along_n2=False, tiles=tiles)
-        return [g.float() for g in gate_up_grads + shared_gate_up_grads]
+        return gate_up_grads + shared_gate_up_grads
 
     def down(tiles):
         weight_grads(upstream, None, h, pair_weight, down_grads, shared_down_grads, alignment, pairs_per_token,
                      num_experts, a_gathered=True, b_gathered=False, slot_along_n2=True, tiles=tiles)
-        return [g.float() for g in down_grads + shared_down_grads]
+        return down_grads + shared_down_grads
 
     print(f"\n{torch.cuda.get_device_name()}, T={tokens}, H={hidden_size} I={inter} E={num_experts} K={topk} "
-          f"S={num_shared}: {ids.numel() / slots:.0f} rows per slot")
+          f"S={num_shared}: {rows_per_slot:.0f} rows per slot")
     print("| launch | tiles (N1 x N2, rows per step, warps, stages) | us | vs current | max diff vs current |")
     print("|---|---|---|---|---|")
-    for name, launch in (("gate/up", gate_up), ("down", down)):
-        current = weight_grad_tiles(dtype)
-        expected, baseline = launch(current), None
+    for name, launch, two in (("gate/up", gate_up, True), ("down", down, False)):
+        current = weight_grad_tiles(dtype, two, rows_per_slot)
+        expected, baseline = [g.float() for g in launch(current)], None  # the launches reuse the buffers
         for tiles in [current] + [t for t in CANDIDATES if t != current]:
             label = f"{tiles.block_n1}x{tiles.block_n2}, {tiles.block_r}, {tiles.num_warps}, {tiles.num_stages}"
             try:
@@ -91,7 +92,7 @@ def tune(tokens: int, shape: tuple[int, int, int, int, int]) -> None:
                 print(f"| {name} | {label} | does not fit | | |")
                 continue
             baseline = baseline or us
-            diff = max((g - e).abs().max().item() for g, e in zip(launch(tiles), expected, strict=True))
+            diff = max((g.float() - e).abs().max().item() for g, e in zip(launch(tiles), expected, strict=True))
             mark = " (current)" if tiles == current else ""
             print(f"| {name} | {label}{mark} | {us:.1f} | {baseline / us:.2f}x | {diff:.3g} |", flush=True)
 

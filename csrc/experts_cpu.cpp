@@ -1,13 +1,16 @@
-// CPU kernel of moe_fusion::fused_experts: the (token, slot) pairs are grouped
-// by expert with a stable sort, and each active expert runs three ATen matmuls
-// on its gathered rows, reading its weights through views of the caller's
-// tensors (no weight is copied or converted). Contributions are weighted and
-// index-added into a float32 accumulator, cast to hidden's dtype at the end.
+// CPU kernels of moe_fusion::fused_experts and fused_experts_train: the
+// (token, slot) pairs are grouped by expert with a stable sort, and each active
+// expert runs three ATen matmuls on its gathered rows, reading its weights
+// through views of the caller's tensors (no weight is copied or converted).
+// Contributions are weighted and index-added into a float32 accumulator, cast
+// to hidden's dtype at the end. The training variant also returns each pair's
+// gate and up projections, which the backward reads instead of recomputing.
 #include "error_message.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 namespace moe_fusion {
@@ -105,12 +108,13 @@ int64_t check_experts_args(const at::Tensor& hidden, const at::Tensor& topk_weig
   return S;
 }
 
-at::Tensor fused_experts_cpu(const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                             const at::Tensor& w_gate, const c10::optional<at::Tensor>& w_up,
-                             const at::Tensor& w_down,
-                             const c10::optional<at::Tensor>& shared_gate, const c10::optional<at::Tensor>& shared_up,
-                             const c10::optional<at::Tensor>& shared_down,
-                             const c10::optional<at::Tensor>& shared_token_weight) {
+// (out [T, H], projections): with `with_projections`, projections [T*K, 2I] in hidden's dtype holds each pair's
+// gate and up projections (row t*K + j); else it is undefined.
+std::tuple<at::Tensor, at::Tensor> run_experts(
+    const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids, const at::Tensor& w_gate,
+    const c10::optional<at::Tensor>& w_up, const at::Tensor& w_down, const c10::optional<at::Tensor>& shared_gate,
+    const c10::optional<at::Tensor>& shared_up, const c10::optional<at::Tensor>& shared_down,
+    const c10::optional<at::Tensor>& shared_token_weight, bool with_projections) {
   const int64_t S = check_experts_args(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up,
                                        shared_down, shared_token_weight);
   const int64_t T = hidden.size(0), H = hidden.size(1), K = topk_ids.size(1);
@@ -119,7 +123,8 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden, const at::Tensor& topk_we
   const at::Tensor routed_gate = w_up ? w_gate : w_gate.narrow(1, 0, I);
   const at::Tensor routed_up = w_up ? *w_up : w_gate.narrow(1, I, I);
   const auto dtype = hidden.scalar_type();
-  if (T == 0) return at::empty({0, H}, hidden.options());
+  at::Tensor projections = with_projections ? at::empty({T * K, 2 * I}, hidden.options()) : at::Tensor();
+  if (T == 0) return {at::empty({0, H}, hidden.options()), projections};
 
   const at::Tensor ids = topk_ids.reshape({-1}).to(at::kLong);
   const auto [min_id, max_id] = at::aminmax(ids);
@@ -152,16 +157,43 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden, const at::Tensor& topk_we
 
     const at::Tensor tokens = at::floor_divide(pairs, K);
     const at::Tensor x = hidden.index_select(0, tokens);
+    const at::Tensor gate_rows = at::mm(x, gate.t()), up_rows = at::mm(x, up.t());
+    if (with_projections) {
+      projections.narrow(1, 0, I).index_copy_(0, pairs, gate_rows);
+      projections.narrow(1, I, I).index_copy_(0, pairs, up_rows);
+    }
     // SiLU-and-multiply in float32, rounded to hidden's dtype like the CUDA kernel's intermediate.
-    const at::Tensor act = (at::silu(at::mm(x, gate.t()).to(at::kFloat)) * at::mm(x, up.t())).to(dtype);
+    const at::Tensor act = (at::silu(gate_rows.to(at::kFloat)) * up_rows).to(dtype);
     const at::Tensor y = at::mm(act, down.t()).to(at::kFloat);
     acc.index_add_(0, tokens, y * pair_weights.index_select(0, pairs).unsqueeze(1));
   }
-  return acc.to(dtype);
+  return {acc.to(dtype), projections};
+}
+
+at::Tensor fused_experts_cpu(const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                             const at::Tensor& w_gate, const c10::optional<at::Tensor>& w_up,
+                             const at::Tensor& w_down,
+                             const c10::optional<at::Tensor>& shared_gate, const c10::optional<at::Tensor>& shared_up,
+                             const c10::optional<at::Tensor>& shared_down,
+                             const c10::optional<at::Tensor>& shared_token_weight) {
+  return std::get<0>(run_experts(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up,
+                                 shared_down, shared_token_weight, /*with_projections=*/false));
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_experts_train_cpu(
+    const at::Tensor& hidden, const at::Tensor& topk_weights, const at::Tensor& topk_ids, const at::Tensor& w_gate,
+    const c10::optional<at::Tensor>& w_up, const at::Tensor& w_down, const c10::optional<at::Tensor>& shared_gate,
+    const c10::optional<at::Tensor>& shared_up, const c10::optional<at::Tensor>& shared_down,
+    const c10::optional<at::Tensor>& shared_token_weight) {
+  return run_experts(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+                     shared_token_weight, /*with_projections=*/true);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_fusion, CPU, m) { m.impl("fused_experts", &fused_experts_cpu); }
+TORCH_LIBRARY_IMPL(moe_fusion, CPU, m) {
+  m.impl("fused_experts", &fused_experts_cpu);
+  m.impl("fused_experts_train", &fused_experts_train_cpu);
+}
 
 }  // namespace moe_fusion

@@ -28,12 +28,18 @@ TORCH_LIBRARY(moe_fusion, m) {
       "fused_experts(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor w_gate, Tensor? w_up, "
       "Tensor w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, "
       "Tensor? shared_token_weight) -> Tensor");
+  // fused_experts under autograd (ops/experts_autograd.py): also returns each (token, slot) pair's
+  // gate and up projections, projections [T*K, 2I] (row t*K + j), which the backward reads.
+  m.def(
+      "fused_experts_train(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor w_gate, Tensor? w_up, "
+      "Tensor w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, "
+      "Tensor? shared_token_weight) -> (Tensor out, Tensor projections)");
   // fused_experts' backward (implemented in Python, ops/experts_autograd.py): the gradients of the
   // differentiable inputs (all but topk_ids) that `needs_grad` flags, in schema order.
   m.def(
-      "fused_experts_backward(Tensor grad_out, Tensor hidden, Tensor topk_weights, Tensor topk_ids, "
-      "Tensor w_gate, Tensor? w_up, Tensor w_down, Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down, "
-      "Tensor? shared_token_weight, bool[] needs_grad) -> Tensor[]");
+      "fused_experts_backward(Tensor grad_out, Tensor projections, Tensor hidden, Tensor topk_weights, "
+      "Tensor topk_ids, Tensor w_gate, Tensor? w_up, Tensor w_down, Tensor? shared_gate, Tensor? shared_up, "
+      "Tensor? shared_down, Tensor? shared_token_weight, bool[] needs_grad) -> Tensor[]");
 }
 
 // `import ops._C` loads the library above; the module itself exports nothing.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .experts import check_experts_args
+from .experts_autograd import check_experts_backward_args
 from .gate import check_gate_args
 from .gate_autograd import check_gate_backward_args
 
@@ -54,10 +55,19 @@ def _fused_experts_fake(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, sh
     return hidden.new_empty(hidden.shape)
 
 
+@torch.library.register_fake("moe_fusion::fused_experts_train")
+def _fused_experts_train_fake(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up,
+                              shared_down, shared_token_weight):
+    check_experts_args(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+                       shared_token_weight)
+    return hidden.new_empty(hidden.shape), hidden.new_empty((topk_ids.numel(), 2 * w_down.shape[2]))
+
+
 @torch.library.register_fake("moe_fusion::fused_experts_backward")
-def _fused_experts_backward_fake(grad_out, hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate,
-                                 shared_up, shared_down, shared_token_weight, needs_grad):
+def _fused_experts_backward_fake(grad_out, projections, hidden, topk_weights, topk_ids, w_gate, w_up, w_down,
+                                 shared_gate, shared_up, shared_down, shared_token_weight, needs_grad):
+    check_experts_backward_args(grad_out, projections, hidden, topk_weights, topk_ids, w_gate, w_up, w_down,
+                                shared_gate, shared_up, shared_down, shared_token_weight, needs_grad)
     differentiable = (hidden, topk_weights, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
                       shared_token_weight)
     return [x.new_empty(x.shape) for x, needed in zip(differentiable, needs_grad, strict=True) if needed]
-

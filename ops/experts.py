@@ -156,6 +156,8 @@ def fused_experts(
     (no TF32). The result does not depend on run-to-run scheduling: no floating-point atomics.
 
     Differentiable w.r.t. every float argument (ops/experts_autograd.py); topk_ids gets no gradient.
+    When a gradient is needed it runs as ``moe_fusion::fused_experts_train``, which also keeps each
+    (token, slot) pair's gate and up projections ([T*K, 2I], hidden's dtype) for the backward.
 
     Ids outside ``[0, E + S)`` raise ValueError on the CPU. On CUDA, checking them would need a host
     synchronisation, so such pairs are ignored (they contribute nothing) and nothing is written out of
@@ -167,12 +169,25 @@ def fused_experts(
     )
 
 
-@torch.library.register_kernel("moe_fusion::fused_experts", "cuda")
-def _fused_experts_cuda(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up,
-                        shared_down, shared_token_weight):
+def _run_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+                shared_token_weight, with_projections: bool):
+    """(out, projections [T*K, 2I] or None) by the Triton kernels, after the argument checks. Rows of
+    projections whose pair has an id outside [0, E + S) are left unwritten: the backward never reads them."""
     num_shared = check_experts_args(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate,
                                     shared_up, shared_down, shared_token_weight)
     from .triton_experts import fused_experts_triton  # Triton is imported on first CUDA use only
 
-    return fused_experts_triton(hidden, topk_weights, topk_ids, *gate_and_up(w_gate, w_up), w_down, shared_gate,
-                                shared_up, shared_down, shared_token_weight, num_shared)
+    projections = hidden.new_empty(topk_ids.numel(), 2 * w_down.shape[2]) if with_projections else None
+    out = fused_experts_triton(hidden, topk_weights, topk_ids, *gate_and_up(w_gate, w_up), w_down, shared_gate,
+                               shared_up, shared_down, shared_token_weight, num_shared, projections_out=projections)
+    return out, projections
+
+
+@torch.library.register_kernel("moe_fusion::fused_experts", "cuda")
+def _fused_experts_cuda(*args):
+    return _run_triton(*args, with_projections=False)[0]
+
+
+@torch.library.register_kernel("moe_fusion::fused_experts_train", "cuda")
+def _fused_experts_train_cuda(*args):
+    return _run_triton(*args, with_projections=True)

@@ -22,14 +22,20 @@ halves the backward writes in place; weights passed as views of one tensor get o
 view, which autograd sums into that tensor. Pairs with ids outside [0, E + S) add
 nothing (the CPU forward rejects them, the CUDA forward ignores them) and get zero gradients.
 
-Only the inputs are saved: a, b, h and y are recomputed per expert, so training keeps no activation
-of the experts. Pairs are sorted by slot (stably: the summation order is fixed) and each active slot
-runs its matmuls through ATen on its gathered rows, in the inputs' dtype (float32 accumulation inside
-the matmul, as in the forward); the elementwise math, the pair weights and the sums over a token's K
-slots are float32, and h is rounded to the inputs' dtype as the forward rounds it. Per-pair rows are
-written to their own place (a [T*K, H] float32 buffer for the hidden states' gradient) and summed
-afterwards: no floating-point atomics, the same gradients on every run. Gradients come back in each
-input's dtype.
+Under autograd the forward is ``moe_fusion::fused_experts_train`` (the Autograd kernel of
+``fused_experts`` below routes there): the same output, plus each pair's a and b, the projections
+[T*K, 2I] in hidden's dtype (row t*K + j: a, then b). The backward reads them instead of recomputing
+two GEMMs over the gate and up weights, and recomputes h from them (rounded to hidden's dtype as the
+forward rounds it; on CUDA the forward's h comes from float32 a and b, the backward's from the saved,
+rounded ones: a difference within the dtype's rounding) and y from h. That keeps 2 * T*K*I values
+per MoE layer for the backward, as the unfused model keeps its two projections.
+
+Pairs are sorted by slot (stably: the summation order is fixed) and each active slot runs its
+matmuls through ATen on its gathered rows, in the inputs' dtype (float32 accumulation inside the
+matmul, as in the forward); the elementwise math, the pair weights and the sums over a token's K
+slots are float32. Per-pair rows are written to their own place (a [T*K, H] float32 buffer for the
+hidden states' gradient) and summed afterwards: no floating-point atomics, the same gradients on
+every run. Gradients come back in each input's dtype.
 
 That is the per-slot loop of CPU (and other non-CUDA) tensors, which reads the slot sizes on the host
 once per backward. CUDA tensors run the same formula as Triton grouped GEMMs
@@ -45,7 +51,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .experts import gate_and_up
+from .experts import check_experts_args, gate_and_up
 from .reference import accumulation_dtype, expert_slot_weights, num_expert_slots, pair_weights
 
 # Positions of the op's differentiable inputs (all but topk_ids, 2) in its schema.
@@ -54,6 +60,7 @@ _DIFFERENTIABLE = (0, 1, 3, 4, 5, 6, 7, 8, 9)
 
 def fused_experts_grads(
     grad_out: torch.Tensor,
+    projections: torch.Tensor,
     hidden: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -67,7 +74,8 @@ def fused_experts_grads(
     needs_grad: Sequence[bool],
 ) -> tuple[torch.Tensor | None, ...]:
     """The gradients of ``fused_experts``' differentiable inputs (all but topk_ids, in schema order)
-    for the upstream gradient `grad_out` [T, H]; None where `needs_grad` (one flag per such input) is
+    for the upstream gradient `grad_out` [T, H] and the forward's `projections` [T*K, 2I]
+    (``fused_experts_train``'s second output); None where `needs_grad` (one flag per such input) is
     False. See the module docstring for the formula. Float64 inputs are computed in float64.
 
     CUDA tensors run the Triton grouped GEMMs (ops/triton_experts_backward.py, no synchronisation);
@@ -94,11 +102,11 @@ def fused_experts_grads(
         from .triton_experts_backward import experts_grads_triton  # Triton is imported on first CUDA use only
 
         grad_hidden, grad_pair_weight, grad_weights = experts_grads_triton(
-            grad_out, hidden, topk_ids, pair_weight.contiguous(), weights, num_slots - num_experts, need_hidden,
-            need_weights, gate_up_grads)
+            grad_out, projections, hidden, topk_ids, pair_weight.contiguous(), weights, num_slots - num_experts,
+            need_hidden, need_weights, gate_up_grads)
     else:
         grad_hidden, grad_pair_weight, grad_weights = _grads_per_slot(
-            grad_out, hidden, ids, pair_weight, weights, num_slots, need_hidden,
+            grad_out, projections, hidden, ids, pair_weight, weights, num_slots, need_hidden,
             need_topk_weights or need_token_weight, need_weights, gate_up_grads)
     if w_up is None:
         grad_weights = (fused_grad, None, *grad_weights[2:])
@@ -120,8 +128,8 @@ def _runs_triton(hidden: torch.Tensor) -> bool:
     return hidden.device.type == "cuda"
 
 
-def _grads_per_slot(grad_out, hidden, ids, pair_weight, weights, num_slots, need_hidden, need_pair_weight,
-                    need_weights, gate_up_grads=None):
+def _grads_per_slot(grad_out, projections, hidden, ids, pair_weight, weights, num_slots, need_hidden,
+                    need_pair_weight, need_weights, gate_up_grads=None):
     """(grad_hidden or None, grad_pair_weight [T*K] in the accumulation dtype or None, the six weight
     gradients or None) by PyTorch ops over each active slot's rows; `gate_up_grads`, zero-filled
     buffers for the gate and up gradients (views of a fused one), else they are allocated."""
@@ -150,8 +158,7 @@ def _grads_per_slot(grad_out, hidden, ids, pair_weight, weights, num_slots, need
                                                             grad_weights[3:])
         token = pairs.div(topk, rounding_mode="floor")
         x = hidden.index_select(0, token)
-        a = (x @ gate.T).to(work)
-        b = (x @ up.T).to(work)
+        a, b = projections.index_select(0, pairs).to(work).split(inter, dim=1)
         sigmoid_a = torch.sigmoid(a)
         silu_a = a * sigmoid_a
         h = (silu_a * b).to(dtype)  # rounded as in the forward
@@ -178,9 +185,30 @@ def _grads_per_slot(grad_out, hidden, ids, pair_weight, weights, num_slots, need
     return grad_hidden, grad_pair_weight, grad_weights
 
 
+def check_experts_backward_args(grad_out, projections, hidden, topk_weights, topk_ids, w_gate, w_up, w_down,
+                                shared_gate, shared_up, shared_down, shared_token_weight, needs_grad) -> None:
+    """fused_experts_backward's rules (ValueError naming the argument): the forward's, and the upstream
+    gradient and projections of its output's and fused_experts_train's shapes. Metadata only."""
+    check_experts_args(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+                       shared_token_weight)
+    dtype = hidden.dtype
+    if grad_out.shape != hidden.shape or grad_out.dtype != dtype or grad_out.device != hidden.device:
+        raise ValueError(f"fused_experts_backward: grad_out must be like hidden ({list(hidden.shape)}, {dtype}, "
+                         f"{hidden.device}), got {list(grad_out.shape)}, {grad_out.dtype}, {grad_out.device}")
+    expected = [topk_ids.numel(), 2 * w_down.shape[2]]
+    if list(projections.shape) != expected or projections.dtype != dtype or projections.device != hidden.device:
+        raise ValueError(f"fused_experts_backward: projections must be [T*K, 2I] = {expected} of hidden's dtype and "
+                         f"device ({dtype}, {hidden.device}; fused_experts_train's second output), got "
+                         f"{list(projections.shape)}, {projections.dtype}, {projections.device}")
+    if len(needs_grad) != len(_DIFFERENTIABLE):
+        raise ValueError(f"fused_experts_backward: needs_grad must have {len(_DIFFERENTIABLE)} flags (one per "
+                         f"differentiable input), got {len(needs_grad)}")
+
+
 @torch.library.impl("moe_fusion::fused_experts_backward", "CompositeExplicitAutograd")
 def _fused_experts_backward(*args):
     """``fused_experts_grads`` as the op (schema in csrc/registration.cpp): the flagged gradients only."""
+    check_experts_backward_args(*args)
     return [grad for grad in fused_experts_grads(*args) if grad is not None]
 
 
@@ -192,10 +220,12 @@ torch.library.register_autograd("moe_fusion::fused_experts_backward", _no_double
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # the inputs only: the backward recomputes the activations
+    _, projections = output
+    ctx.mark_non_differentiable(projections)  # saved for the backward, not a result of the model
+    ctx.save_for_backward(projections, *inputs)
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_out, _grad_projections):
     needs_grad = [ctx.needs_input_grad[i] for i in _DIFFERENTIABLE]
     grads = [None] * len(ctx.needs_input_grad)  # topk_ids and inputs that need none stay None
     if any(needs_grad):
@@ -206,4 +236,19 @@ def _backward(ctx, grad_out):
     return tuple(grads)
 
 
-torch.library.register_autograd("moe_fusion::fused_experts", _backward, setup_context=_setup_context)
+torch.library.register_autograd("moe_fusion::fused_experts_train", _backward, setup_context=_setup_context)
+
+# fused_experts itself: when a gradient is needed, it runs as fused_experts_train (which saves the
+# projections for the backward) and returns its first output, so every caller (eager code, the
+# rewrites' graphs that AOT autograd differentiates) gets that backward; else it runs as it is.
+_LIBRARY = torch.library.Library("moe_fusion", "FRAGMENT")
+
+
+def _fused_experts_autograd(keyset, *args):
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return torch.ops.moe_fusion.fused_experts_train.default(*args)[0]
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.moe_fusion.fused_experts.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+_LIBRARY.impl("fused_experts", _fused_experts_autograd, "Autograd", with_keyset=True)

@@ -270,3 +270,27 @@ def fused_experts_reference(
         y = (torch.nn.functional.silu(xe @ gate.to(dtype).T) * (xe @ up.to(dtype).T)) @ down.to(dtype).T
         out.index_add_(0, token, y * weights[token, slot, None])
     return out
+
+
+def pair_projections(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor | None,
+    w_down: torch.Tensor,
+    shared_gate: torch.Tensor | None = None,
+    shared_up: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``fused_experts_train``'s second output [T*K, 2I], unrounded, in the accumulation dtype: row
+    t*K + j is (gate_e x_t, up_e x_t) for e = topk_ids[t, j]; zeros for ids outside [0, E + S)."""
+    w_gate, w_up = gate_and_up(w_gate, w_up)
+    num_experts, inter, _ = w_gate.shape
+    dtype = accumulation_dtype(hidden.dtype)
+    ids = topk_ids.reshape(-1).long()
+    out = hidden.new_zeros((ids.numel(), 2 * inter), dtype=dtype)
+    for e in range(num_expert_slots(w_down, shared_gate)):
+        gate, up, _ = expert_slot_weights(e, num_experts, inter, (w_gate, w_up, w_down), (shared_gate, shared_up, None))
+        pairs = (ids == e).nonzero().squeeze(1)
+        x = hidden.to(dtype).index_select(0, pairs.div(topk_ids.shape[1], rounding_mode="floor"))
+        out[pairs] = torch.cat([x @ gate.to(dtype).T, x @ up.to(dtype).T], dim=1)
+    return out

@@ -1,4 +1,4 @@
-"""Triton kernels of ``moe_fusion::fused_experts`` (the CUDA implementation).
+"""Triton kernels of ``moe_fusion::fused_experts`` and ``fused_experts_train`` (the CUDA implementation).
 
 Four launches, no host synchronisation (every size is an upper bound computed from shapes, so the
 whole op can be captured in a CUDA graph):
@@ -8,7 +8,8 @@ whole op can be captured in a CUDA graph):
    table says which expert slot each BLOCK_M rows belong to and how many of them are real.
 2. ``_gate_up_kernel``: grouped GEMM over the blocks, one program per (block, N tile of I). It gathers
    the token rows of ``hidden``, multiplies by the gate and up tiles of the block's expert (routed
-   weights, or the shared tensors at the slot's row offset) and writes ``silu(gate) * up``.
+   weights, or the shared tensors at the slot's row offset) and writes ``silu(gate) * up``; for
+   ``fused_experts_train`` also gate and up themselves, to the row of the pair (the backward's input).
 3. ``_down_kernel``: grouped GEMM of that intermediate with the down projection, one program per
    (block, N tile of H); each output row goes to the row of its (token, slot) pair.
 4. ``_combine_kernel``: per token, the weighted sum over its K pairs in float32, in a fixed order.
@@ -25,6 +26,10 @@ Positions inside one expert's segment come from atomics in the forward and may d
 the result does not, because each output row of a GEMM tile depends only on its own input row. The
 backward sums over a segment's rows (weight gradients), so its alignment is stable: rows in pair
 order, the same on every run.
+
+Integer arguments that follow the token count (pairs, blocks) are not specialised
+(``do_not_specialize``): Triton would otherwise compile a variant per value class (1, a multiple of
+16, other) of each, where they only bound loops and masks; one variant serves every token count.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def tile_config(num_pairs: int, num_slots: int, dtype: torch.dtype) -> TileConfi
     raise AssertionError("unreachable: the last row of each table has no limit")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks", "pairs_per_program"])  # token counts: see the docstring
 def _align_kernel(
     ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr, scratch_ptr, slot_start_ptr, slot_rows_ptr,
     num_pairs, num_slots, num_blocks, pairs_per_program,
@@ -282,20 +287,19 @@ def gathered_gate_up(
     return gate, up
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks"])
 def _gate_up_kernel(
-    x_ptr, act_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
+    x_ptr, act_ptr, proj_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
     gate_ptr, up_ptr, shared_gate_ptr, shared_up_ptr,
     num_blocks, hidden_size, inter, topk, num_experts,
     stride_xt, stride_xh,
     stride_ge, stride_gn, stride_gk, stride_ue, stride_un, stride_uk,
     stride_sgn, stride_sgk, stride_sun, stride_suk,
-    stride_act,
-    GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    stride_act, stride_proj,
+    SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """act[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) for the rows of each expert-aligned block;
-    gate_e @ x[token] alone when not GATED (the backward's gathered GEMM)."""
+    """act[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) for the rows of each expert-aligned block.
+    SAVE (training): also proj[pair] = [gate, up], rounded to hidden's dtype, for the backward."""
     expert, rows, row_mask, _, offs_n = program_block(num_blocks, tl.cdiv(inter, BLOCK_N), block_expert_ptr,
                                                       block_rows_ptr, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
@@ -305,16 +309,18 @@ def _gate_up_kernel(
         x_ptr, stride_xt, stride_xh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, hidden_size,
         gate_ptr, stride_ge, stride_gn, stride_gk, up_ptr, stride_ue, stride_un, stride_uk,
         shared_gate_ptr, stride_sgn, stride_sgk, shared_up_ptr, stride_sun, stride_suk,
-        GATED, BLOCK_M, BLOCK_N, BLOCK_K)
-    if GATED:
-        act = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up
-    else:
-        act = gate
+        True, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask = row_mask[:, None] & (offs_n < inter)[None, :]
+    if SAVE:
+        saved = proj_ptr + pairs.to(tl.int64)[:, None] * stride_proj + offs_n[None, :]
+        tl.store(saved, gate.to(proj_ptr.dtype.element_ty), mask=mask)
+        tl.store(saved + inter, up.to(proj_ptr.dtype.element_ty), mask=mask)
+    act = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up
     act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * stride_act + offs_n[None, :]
-    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_n < inter)[None, :])
+    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks"])
 def _down_kernel(
     act_ptr, act2_ptr, y_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
     down_ptr, down2_ptr, shared_down_ptr, shared_down2_ptr,
@@ -444,19 +450,22 @@ def align(ids: torch.Tensor, num_slots: int, block_m: int, stable: bool = False)
     return Alignment(sorted_pairs, block_expert, block_rows, slot_start, slot_rows, num_blocks, block_m)
 
 
-def gathered_gemm(x, out, alignment: Alignment, topk, gate, up, shared_gate, shared_up, gated: bool,
-                  tiles: GemmTiles, group_m: int) -> None:
-    """out[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) (gated), or gate_e @ x[token], for every
-    row of the alignment: token = pair // topk, e its slot; weights [E, N, K] and shared [S*N, K]."""
+def gathered_gate_up_gemm(x, act, projections, alignment: Alignment, topk, gate, up, shared_gate, shared_up,
+                          tiles: GemmTiles, group_m: int) -> None:
+    """act[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) for every row of the alignment (token =
+    pair // topk, e its slot; weights [E, I, H], shared [S*I, H]), and with `projections` [T*K, 2I] also
+    projections[pair] = [gate_e @ x[token], up_e @ x[token]]."""
     num_experts, inter, hidden_size = gate.shape
+    save = projections is not None
     launch_gemm(
         _gate_up_kernel, (alignment.num_blocks * triton.cdiv(inter, tiles.block_n),),
-        x, out, alignment.sorted_pairs, alignment.block_expert, alignment.block_rows,
+        x, act, projections if save else act, alignment.sorted_pairs, alignment.block_expert, alignment.block_rows,
         gate, up, shared_gate, shared_up,
         alignment.num_blocks, hidden_size, inter, topk, num_experts,
-        *x.stride(), *gate.stride(), *up.stride(), *shared_gate.stride(), *shared_up.stride(), out.stride(0),
-        GATED=gated, BLOCK_M=alignment.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=group_m,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        *x.stride(), *gate.stride(), *up.stride(), *shared_gate.stride(), *shared_up.stride(), act.stride(0),
+        projections.stride(0) if save else 0,
+        SAVE=save, BLOCK_M=alignment.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        GROUP_M=group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
@@ -500,10 +509,11 @@ def on_device(device: torch.device):
 
 
 def fused_experts_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
-                         shared_token_weight, num_shared, config: TileConfig | None = None):
+                         shared_token_weight, num_shared, config: TileConfig | None = None, projections_out=None):
     """Runs the four kernels; the arguments are already checked (ops.experts.check_experts_args).
 
-    ``config`` overrides ``tile_config`` (for tuning: benchmarks/bench_experts.py --tune).
+    ``config`` overrides ``tile_config`` (for tuning: benchmarks/bench_experts.py --tune);
+    ``projections_out`` [T*K, 2I] receives each pair's gate and up projections (training).
     """
     tokens, hidden_size = hidden.shape
     topk = topk_ids.shape[1]
@@ -519,8 +529,8 @@ def fused_experts_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, s
     with on_device(hidden.device):
         alignment = align(ids, num_slots, cfg.block_m)
         act = hidden.new_empty(alignment.num_blocks * cfg.block_m, inter)
-        gathered_gemm(hidden, act, alignment, topk, w_gate, w_up, shared_gate, shared_up, True, cfg.gate_up,
-                      cfg.group_m)
+        gathered_gate_up_gemm(hidden, act, projections_out, alignment, topk, w_gate, w_up, shared_gate, shared_up,
+                              cfg.gate_up, cfg.group_m)
         y = hidden.new_empty(tokens * topk, hidden_size)
         scattered_gemm(act, y, alignment, w_down, shared_down, cfg.down, cfg.group_m)
         token_weight = None if shared_token_weight is None else shared_token_weight.contiguous()

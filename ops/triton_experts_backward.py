@@ -2,18 +2,18 @@
 
 The formula is ops/experts_autograd.py's. For the pair (token t, slot e) with pair weight p and
 upstream gradient g = grad_out[t], the backward needs u = g D_e (so that dh = p u and, as
-y = h D_e^T, d p = <g, y> = <u, h>); with a, b the recomputed gate and up projections:
+y = h D_e^T, d p = <g, y> = <u, h>); the gate and up projections a, b of the pair are the ones the
+training forward saved (projections, row t*K + j), not recomputed:
 
 1. ``align`` (the forward's kernel, stable): the pairs sorted by slot in BLOCK_M-padded segments,
    each slot's rows in pair order.
-2. u[row] = D_e^T g: the forward's gathered GEMM on grad_out, with D_e^T read through a transposed
-   view of the down weights (no copy).
-3. ``_gate_up_backward_kernel``: recomputes a and b (the forward's gate/up GEMM) and, in its epilogue,
-   writes h = silu(a) * b, da = p u b silu'(a), db = p u silu(a), and the partial sums of <u, h>
-   over its I tile (summed over tiles afterwards, in a fixed order).
-4. dx[pair] = G_e^T da + U_e^T db: the forward's scattered GEMM with two inputs, then the forward's
+2. ``_gate_up_backward_kernel``: u = D_e^T g (the forward's gathered GEMM on grad_out, with D_e^T
+   read through a transposed view of the down weights: no copy) and, in its epilogue with the
+   saved a and b, h = silu(a) * b, da = p u b silu'(a), db = p u silu(a), and the partial sums of
+   <u, h> over its I tile (summed over tiles afterwards, in a fixed order).
+3. dx[pair] = G_e^T da + U_e^T db: the forward's scattered GEMM with two inputs, then the forward's
    combine (unweighted) sums each token's K rows.
-5. ``_weight_grad_kernel``: per slot and output tile, a GEMM that reduces over the slot's rows:
+4. ``_weight_grad_kernel``: per slot and output tile, a GEMM that reduces over the slot's rows:
    dD_e = (p g)^T h, and dG_e = da^T x, dU_e = db^T x (one kernel, two accumulators, x read once).
 
 Every size is computed from shapes, sums run in a fixed order (no floating-point atomics): the
@@ -35,7 +35,6 @@ from .triton_experts import (
     align,
     combine,
     gathered_gate_up,
-    gathered_gemm,
     launch_gemm,
     on_device,
     program_block,
@@ -53,49 +52,56 @@ class WeightGradTiles(NamedTuple):
     num_stages: int
 
 
-# 16-bit: two [64, 128] float32 accumulators over 8 warps; float32 (FMA dots): smaller tiles.
-# benchmarks/tune_weight_grads.py searches others (benchmarks/RESULTS.md).
-_WEIGHT_GRAD_TILES_16BIT = WeightGradTiles(64, 128, 32, 8, 3)
+# 16-bit, per use and per number of rows a slot reduces: the fastest of the configurations
+# benchmarks/tune_weight_grads.py timed on the H200 at DeepSeek-V3 TP8 training shapes
+# (benchmarks/RESULTS.md): 64 rows per step, except for short slots (T=512: 18 rows), where a
+# 32-row step pads less. Float32 (FMA dots): smaller tiles.
+_WEIGHT_GRAD_TILES_GATE_UP = WeightGradTiles(64, 128, 64, 8, 3)  # two [64, 128] accumulators
+_WEIGHT_GRAD_TILES_DOWN = WeightGradTiles(128, 128, 64, 8, 3)
+_SHORT_SLOT_ROWS = 64  # fewer rows per slot than this: 32 rows per step
 _WEIGHT_GRAD_TILES_FP32 = WeightGradTiles(32, 64, 16, 4, 2)
 
 
-def weight_grad_tiles(dtype: torch.dtype) -> WeightGradTiles:
-    """The weight-gradient kernel's tiles for `dtype`."""
-    return _WEIGHT_GRAD_TILES_FP32 if dtype == torch.float32 else _WEIGHT_GRAD_TILES_16BIT
+def weight_grad_tiles(dtype: torch.dtype, two: bool, rows_per_slot: float) -> WeightGradTiles:
+    """The weight-gradient kernel's tiles for `dtype`, with two accumulators (gate/up) or one (down),
+    when the slots hold `rows_per_slot` rows on average."""
+    if dtype == torch.float32:
+        return _WEIGHT_GRAD_TILES_FP32
+    tiles = _WEIGHT_GRAD_TILES_GATE_UP if two else _WEIGHT_GRAD_TILES_DOWN
+    return tiles._replace(block_r=32) if rows_per_slot < _SHORT_SLOT_ROWS else tiles
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks", "num_pairs"])  # token counts (see ops/triton_experts.py)
 def _gate_up_backward_kernel(
-    x_ptr, u_ptr, h_ptr, da_ptr, db_ptr, dp_part_ptr, pair_weight_ptr,
-    sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
-    gate_ptr, up_ptr, shared_gate_ptr, shared_up_ptr,
+    grad_out_ptr, proj_ptr, h_ptr, da_ptr, db_ptr, dp_part_ptr, pair_weight_ptr,
+    sorted_pairs_ptr, block_expert_ptr, block_rows_ptr, down_ptr, shared_down_ptr,
     num_blocks, num_pairs, hidden_size, inter, topk, num_experts,
-    stride_xt, stride_xh,
-    stride_ge, stride_gn, stride_gk, stride_ue, stride_un, stride_uk,
-    stride_sgn, stride_sgk, stride_sun, stride_suk,
-    stride_rows,
+    stride_gt, stride_gh, stride_de, stride_dn, stride_dk, stride_sdn, stride_sdk,
+    stride_proj, stride_rows,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """h, da, db (rows of the alignment) and dp_part[tile, pair] = sum over the tile of u * h."""
+    """u = D_e^T g, then h, da, db (rows of the alignment) and dp_part[tile, pair] = sum over the tile of
+    u * h, from the saved projections. The down weights are read as D^T [E, I, H] through strides."""
     expert, rows, row_mask, tile_n, offs_n = program_block(num_blocks, tl.cdiv(inter, BLOCK_N), block_expert_ptr,
                                                            block_rows_ptr, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
-    a, b = gathered_gate_up(
-        x_ptr, stride_xt, stride_xh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, hidden_size,
-        gate_ptr, stride_ge, stride_gn, stride_gk, up_ptr, stride_ue, stride_un, stride_uk,
-        shared_gate_ptr, stride_sgn, stride_sgk, shared_up_ptr, stride_sun, stride_suk,
-        True, BLOCK_M, BLOCK_N, BLOCK_K)
-    n_mask = offs_n < inter
+    u, _ = gathered_gate_up(
+        grad_out_ptr, stride_gt, stride_gh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, hidden_size,
+        down_ptr, stride_de, stride_dn, stride_dk, down_ptr, stride_de, stride_dn, stride_dk,
+        shared_down_ptr, stride_sdn, stride_sdk, shared_down_ptr, stride_sdn, stride_sdk,
+        False, BLOCK_M, BLOCK_N, BLOCK_K)
 
-    tile = rows.to(tl.int64)[:, None] * stride_rows + offs_n[None, :]
-    mask = row_mask[:, None] & n_mask[None, :]
-    u = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    mask = row_mask[:, None] & (offs_n < inter)[None, :]
+    saved = proj_ptr + pairs.to(tl.int64)[:, None] * stride_proj + offs_n[None, :]
+    a = tl.load(saved, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(saved + inter, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(pair_weight_ptr + pairs, mask=row_mask, other=0.0)
     sigmoid_a = 1.0 / (1.0 + tl.exp(-a))
     silu_a = a * sigmoid_a
     h = (silu_a * b).to(h_ptr.dtype.element_ty)  # rounded as the forward rounds it
+    tile = rows.to(tl.int64)[:, None] * stride_rows + offs_n[None, :]
     tl.store(h_ptr + tile, h, mask=mask)
     dh = u * p[:, None]
     tl.store(da_ptr + tile, (dh * b * sigmoid_a * (1.0 + a * (1.0 - sigmoid_a))).to(da_ptr.dtype.element_ty),
@@ -169,15 +175,14 @@ def _weight_grad_kernel(
 
 
 def weight_grads(a, a2, b, row_scale, grads, shared_grads, alignment: Alignment, topk: int, num_experts: int,
-                 a_gathered: bool, b_gathered: bool, slot_along_n2: bool, tiles: WeightGradTiles | None = None) -> None:
+                 a_gathered: bool, b_gathered: bool, slot_along_n2: bool, tiles: WeightGradTiles) -> None:
     """Fills `grads` (one or two routed [E, N1, N2] tensors) and `shared_grads` (their 2-D shared
-    counterparts) by _weight_grad_kernel, with `tiles` or weight_grad_tiles' choice."""
+    counterparts) by _weight_grad_kernel with `tiles`."""
     num_slots = alignment.slot_rows.numel()
     _, n1_size, n2_size = grads[0].shape
     two = len(grads) == 2
     grad, grad2 = grads if two else (grads[0], grads[0])
     shared_grad, shared_grad2 = shared_grads if two else (shared_grads[0], shared_grads[0])
-    tiles = tiles or weight_grad_tiles(a.dtype)
     slot_size = n2_size if slot_along_n2 else n1_size
     grid = (triton.cdiv(n1_size, tiles.block_n1) * triton.cdiv(n2_size, tiles.block_n2), num_slots)
     launch_gemm(
@@ -192,11 +197,12 @@ def weight_grads(a, a2, b, row_scale, grads, shared_grads, alignment: Alignment,
     )
 
 
-def experts_grads_triton(grad_out, hidden, topk_ids, pair_weight, weights, num_shared: int, need_hidden: bool,
-                         need_weights, gate_up_grads=None) -> tuple:
+def experts_grads_triton(grad_out, projections, hidden, topk_ids, pair_weight, weights, num_shared: int,
+                         need_hidden: bool, need_weights, gate_up_grads=None) -> tuple:
     """(grad_hidden or None, grad_pair_weight [T*K] float32, the six weight gradients or None).
 
-    `pair_weight` is the float32 weight of each pair [T*K] (ops.reference.pair_weights), `weights`
+    `projections` [T*K, 2I] holds each pair's gate and up projections (the training forward's),
+    `pair_weight` the float32 weight of each pair [T*K] (ops.reference.pair_weights), `weights`
     (w_gate, w_up, w_down, shared_gate, shared_up, shared_down), `need_weights` a flag for each.
     Gradients of gate/up/shared gate/shared up are computed together when any of them is needed;
     `gate_up_grads`, buffers of the same strides for the gate and up gradients (views of a fused
@@ -211,6 +217,7 @@ def experts_grads_triton(grad_out, hidden, topk_ids, pair_weight, weights, num_s
     ids = topk_ids.contiguous()
     # The weight-gradient kernel reads rows of hidden and grad_out with unit column stride.
     hidden, grad_out = hidden.contiguous(), grad_out.contiguous()
+    projections = projections.contiguous()  # read as [gate | up] rows
     if num_shared == 0:  # never dereferenced: no id selects a shared slot
         shared_gate, shared_up, shared_down = w_gate[0], w_up[0], w_down[0]
     cfg = tile_config(num_pairs, num_slots, hidden.dtype)
@@ -220,22 +227,19 @@ def experts_grads_triton(grad_out, hidden, topk_ids, pair_weight, weights, num_s
     with on_device(hidden.device):
         alignment = align(ids, num_slots, cfg.block_m, stable=True)  # weight gradients sum rows in order
         rows = alignment.num_blocks * cfg.block_m
-        u, h, da, db = hidden.new_empty(4, rows, inter).unbind()
-        gathered_gemm(grad_out, u, alignment, topk, w_down.transpose(1, 2), w_down.transpose(1, 2),
-                      shared_down.T, shared_down.T, False, cfg.gate_up, cfg.group_m)
-        tiles_i = triton.cdiv(inter, cfg.gate_up.block_n)
+        h, da, db = hidden.new_empty(3, rows, inter).unbind()
+        tiles = cfg.gate_up
+        tiles_i = triton.cdiv(inter, tiles.block_n)
         dp_part = torch.zeros(tiles_i, num_pairs, dtype=torch.float32, device=hidden.device)
-        gate_up = cfg.gate_up
+        down_t, shared_down_t = w_down.transpose(1, 2), shared_down.T  # D^T [E, I, H] and [S*I, H], views
         launch_gemm(
             _gate_up_backward_kernel, (alignment.num_blocks * tiles_i,),
-            hidden, u, h, da, db, dp_part, pair_weight,
-            alignment.sorted_pairs, alignment.block_expert, alignment.block_rows,
-            w_gate, w_up, shared_gate, shared_up,
+            grad_out, projections, h, da, db, dp_part, pair_weight,
+            alignment.sorted_pairs, alignment.block_expert, alignment.block_rows, down_t, shared_down_t,
             alignment.num_blocks, num_pairs, hidden_size, inter, topk, num_experts,
-            *hidden.stride(), *w_gate.stride(), *w_up.stride(), *shared_gate.stride(), *shared_up.stride(),
-            u.stride(0),
-            BLOCK_M=cfg.block_m, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k, GROUP_M=cfg.group_m,
-            num_warps=gate_up.num_warps, num_stages=gate_up.num_stages,
+            *grad_out.stride(), *down_t.stride(), *shared_down_t.stride(), projections.stride(0), h.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=cfg.group_m,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
 
         grad_hidden = None
@@ -251,11 +255,14 @@ def experts_grads_triton(grad_out, hidden, topk_ids, pair_weight, weights, num_s
                  if num_shared or i < 3 else None for i, (w, buffer) in enumerate(zip(weights, buffers, strict=True))]
         # Without shared slots, one routed expert's gradient stands in for the (never written) shared one.
         shared_grads = grads[3:] if num_shared else [grad[0] for grad in grads[:3]]
+        rows_per_slot = num_pairs / num_slots
         if need_gate_up:
             weight_grads(da, db, hidden, None, grads[0:2], shared_grads[0:2], alignment, topk, num_experts,
-                          a_gathered=False, b_gathered=True, slot_along_n2=False)
+                         a_gathered=False, b_gathered=True, slot_along_n2=False,
+                         tiles=weight_grad_tiles(hidden.dtype, True, rows_per_slot))
         if need_down:
             weight_grads(grad_out, None, h, pair_weight, grads[2:3], shared_grads[2:3], alignment, topk,
-                          num_experts, a_gathered=True, b_gathered=False, slot_along_n2=True)
+                         num_experts, a_gathered=True, b_gathered=False, slot_along_n2=True,
+                         tiles=weight_grad_tiles(hidden.dtype, False, rows_per_slot))
     grad_weights = tuple(g if needed else None for g, needed in zip(grads, need_weights, strict=True))
     return grad_hidden, dp_part.sum(0), grad_weights

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from triton_interpreter import interpreted_only, patch_interpreter_for_numpy_2_4, run_interpreted
 
 from ops import fused_experts
-from ops.reference import fused_experts_reference
+from ops.reference import fused_experts_reference, pair_projections
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 LAYOUTS = ("hf", "torchtitan", "transposed")
@@ -464,7 +464,15 @@ def test_triton_interpreted_body():
     ]
     for case in cases:
         num_shared = 0 if case.shared_gate is None else case.shared_gate.shape[0] // case.w_gate.shape[1]
-        assert_matches_reference(fused_experts_triton(*case.args(), num_shared), case)
+        out = fused_experts_triton(*case.args(), num_shared)
+        assert_matches_reference(out, case)
+        # Training: the same output, and every pair's gate and up projections written over NaN.
+        projections = torch.full((case.topk_ids.numel(), 2 * case.w_gate.shape[1]), float("nan"),
+                                 dtype=case.hidden.dtype)
+        assert torch.equal(fused_experts_triton(*case.args(), num_shared, projections_out=projections), out)
+        want = pair_projections(case.hidden, case.topk_ids, case.w_gate, case.w_up, case.w_down, case.shared_gate,
+                                case.shared_up)
+        torch.testing.assert_close(projections.float(), want, rtol=2e-3, atol=2e-3)
 
     for tokens, topk, num_slots in ((1, 3, 5), (700, 4, 9), (1100, 2, 3)):  # 2800, 2200 pairs: two programs
         ids = torch.randint(-1, num_slots + 1, (tokens, topk), generator=torch.Generator().manual_seed(0))

@@ -19,7 +19,7 @@ from triton_interpreter import interpreted_only, patch_interpreter_for_numpy_2_4
 
 from ops import fused_experts
 from ops.experts_autograd import fused_experts_grads
-from ops.reference import fused_experts_reference
+from ops.reference import fused_experts_reference, pair_projections
 
 # Measured at most 3e-7 (float32) and 6e-3 (bfloat16: the op rounds its intermediates to bfloat16, the
 # reference does not), with the routing weights' errors measured as routing_term_sizes says.
@@ -60,6 +60,15 @@ def op_args(leaves: dict[str, torch.Tensor], topk_ids: torch.Tensor, gate_up_vie
         shared_gate, shared_up = leaves.get("shared_gate"), leaves.get("shared_up")
     return (leaves["hidden"], leaves["topk_weights"], topk_ids, w_gate, w_up, leaves["w_down"], shared_gate, shared_up,
             leaves.get("shared_down"), leaves.get("shared_token_weight"))
+
+
+def projections_of(args) -> torch.Tensor:
+    """The projections fused_experts_train returns for fused_experts' `args`, from the float reference
+    (ids outside [0, E + S) allowed: the CPU op rejects them) rounded to hidden's dtype."""
+    hidden, _, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, *_ = args
+    return pair_projections(hidden.detach(), topk_ids, w_gate.detach(), None if w_up is None else w_up.detach(),
+                            w_down, None if shared_gate is None else shared_gate.detach(),
+                            None if shared_up is None else shared_up.detach()).to(hidden.dtype)
 
 
 def random_upstream(shape, dtype, device, seed) -> torch.Tensor:
@@ -117,6 +126,67 @@ def test_fused_gate_up_gets_the_gradient_of_its_two_views(device):
     assert fused.abs().max() > 0
     assert torch.equal(fused, views)
 
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 37, 1000])
+def test_training_forward_returns_the_output_and_the_projections(device, dtype, tokens):
+    """fused_experts_train's output is fused_experts' bit for bit, and row t*K + j of its projections
+    is that pair's gate and up projections (on CUDA written into NaN-poisoned memory)."""
+    case = make_case(tokens=tokens, hidden_size=96, inter=40, num_experts=6, topk=3, num_shared=2, dtype=dtype,
+                     device=device, token_weight=True)
+    if device == "cuda":
+        poison_cuda_cache()
+    out, projections = torch.ops.moe_fusion.fused_experts_train(*case.args())
+    assert torch.equal(out, fused_experts(*case.args()))
+    assert projections.shape == (case.topk_ids.numel(), 80) and projections.dtype == dtype
+    want = pair_projections(case.hidden, case.topk_ids, case.w_gate, case.w_up, case.w_down, case.shared_gate,
+                            case.shared_up)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(projections.float(), want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projections_are_saved_only_when_a_gradient_is_needed(device):
+    """fused_experts runs as fused_experts_train under autograd, and as itself otherwise."""
+    from compile_checks import fused_op_calls
+
+    case = make_case(tokens=9, num_experts=4, num_shared=1, dtype=torch.bfloat16, device=device)
+    leaves = leaves_of(case, "gate_up")
+    frozen = {name: leaf.detach() for name, leaf in leaves.items()}
+    train, plain = "moe_fusion::fused_experts_train", "moe_fusion::fused_experts"
+    assert fused_op_calls(lambda: fused_experts(*op_args(leaves, case.topk_ids))).get(train) == 1
+    for run in (lambda: fused_experts(*op_args(frozen, case.topk_ids)),
+                lambda: torch.no_grad()(fused_experts)(*op_args(leaves, case.topk_ids))):
+        assert fused_op_calls(run) == {plain: 1}
+
+
+# The backward op's rules, each broken on its own: (name, change of the arguments, message).
+BAD_BACKWARD_ARGS = [
+    ("grad_out_shape", lambda a: {**a, "grad_out": a["grad_out"][:-1]}, "grad_out must be like hidden"),
+    ("grad_out_dtype", lambda a: {**a, "grad_out": a["grad_out"].double()}, "grad_out must be like hidden"),
+    ("projections_rows", lambda a: {**a, "projections": a["projections"][1:]},
+     r"projections must be \[T\*K, 2I\] = \[20, 32\]"),
+    ("projections_dtype", lambda a: {**a, "projections": a["projections"].float()}, "projections must be"),
+    ("needs_grad_length", lambda a: {**a, "needs_grad": [True] * 8}, "needs_grad must have 9 flags"),
+    ("forward_rule", lambda a: {**a, "topk_ids": a["topk_ids"][:, :1]}, "topk_weights must have topk_ids' shape"),
+]
+
+
+@pytest.mark.parametrize("device", [*DEVICES, "meta"])
+@pytest.mark.parametrize("name, corrupt, message", BAD_BACKWARD_ARGS, ids=[b[0] for b in BAD_BACKWARD_ARGS])
+def test_backward_op_rejects_bad_arguments(device, name, corrupt, message):
+    case = make_case(tokens=5, hidden_size=32, inter=16, num_experts=4, topk=3, num_shared=1, dtype=torch.bfloat16,
+                     device="cpu", token_weight=True)
+    names = ("grad_out", "projections", "hidden", "topk_weights", "topk_ids", "w_gate", "w_up", "w_down",
+             "shared_gate", "shared_up", "shared_down", "shared_token_weight")
+    values = (random_upstream(case.hidden.shape, torch.bfloat16, "cpu", seed=12), projections_of(case.args()),
+              *case.args())
+    args = corrupt({**dict(zip(names, (v.to(device) if torch.is_tensor(v) else v for v in values), strict=True)),
+                    "needs_grad": [True] * 9})
+    with pytest.raises(ValueError, match=message):
+        torch.ops.moe_fusion.fused_experts_backward(*args.values())
 
 # (tokens, E, K, S, shared_token_weight, topk_weights' dtype: None for hidden's); K > E repeats ids in a row.
 GRAD_CASES = {
@@ -199,7 +269,9 @@ def test_out_of_range_ids_add_nothing_and_get_zero_gradient(device):
     case = case.replace(topk_ids=bad)
     leaves = leaves_of(case, "separate")
     upstream = random_upstream(case.hidden.shape, torch.float32, device, seed=2)
-    grads = dict(zip(DIFFERENTIABLE, fused_experts_grads(upstream, *op_args(leaves, bad), [True] * 9), strict=True))
+    args = op_args(leaves, bad)
+    grads = dict(zip(DIFFERENTIABLE, fused_experts_grads(upstream, projections_of(args), *args, [True] * 9),
+                     strict=True))
     for name, want in zip(leaves, expected_grads(leaves, bad, upstream), strict=True):
         torch.testing.assert_close(grads[name].double(), want, rtol=1e-5, atol=1e-6, msg=name)
     out_of_range = (bad < 0) | (bad >= 5)
@@ -211,8 +283,9 @@ class ReferenceWithOpBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, topk_weights, topk_ids, *weights_and_token_weight):
-        ctx.save_for_backward(hidden, topk_weights, topk_ids, *weights_and_token_weight)
-        return fused_experts_reference(hidden, topk_weights, topk_ids, *weights_and_token_weight)
+        args = (hidden, topk_weights, topk_ids, *weights_and_token_weight)
+        ctx.save_for_backward(projections_of(args), *args)
+        return fused_experts_reference(*args)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -257,14 +330,18 @@ OPCHECK_CASES = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", sorted(OPCHECK_CASES))
-def test_opcheck_with_requires_grad(device, layout, name):
+@pytest.mark.parametrize("op", ["fused_experts", "fused_experts_train"])
+def test_opcheck_with_requires_grad(device, layout, name, op):
     """Schema, fake tensor, autograd registration and AOT dispatch with dynamic shapes, forward and
-    backward (opcheck skips the backward of an op without one, hence the first assert)."""
+    backward (opcheck skips the backward of an op without one, hence the first assert), for the op and
+    its training variant."""
     case = make_case(**{"tokens": 5, **OPCHECK_CASES[name]}, hidden_size=32, inter=16, num_experts=4, device=device,
                      layout="torchtitan")
     args = op_args(leaves_of(case, layout), case.topk_ids)
-    assert torch.ops.moe_fusion.fused_experts.default(*args).requires_grad
-    torch.library.opcheck(torch.ops.moe_fusion.fused_experts.default, args)
+    overload = getattr(torch.ops.moe_fusion, op).default
+    out = overload(*args)
+    assert (out[0] if op == "fused_experts_train" else out).requires_grad
+    torch.library.opcheck(overload, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -272,9 +349,10 @@ def test_opcheck_of_the_backward_op(device):
     case = make_case(tokens=5, hidden_size=32, inter=16, num_experts=4, num_shared=1, dtype=torch.bfloat16,
                      device=device, token_weight=True)
     upstream = random_upstream(case.hidden.shape, torch.bfloat16, device, seed=4)
+    projections = torch.ops.moe_fusion.fused_experts_train(*case.args())[1]
     for needs_grad in ([True] * 9, [True, False, False, True, False, False, True, False, True]):
         torch.library.opcheck(torch.ops.moe_fusion.fused_experts_backward.default,
-                              (upstream, *case.args(), needs_grad))
+                              (upstream, projections, *case.args(), needs_grad))
 
 
 def test_compiled_backward_matches_eager():
@@ -356,9 +434,10 @@ def test_triton_backward_interpreted_body(monkeypatch):
     assert case.hidden.stride(1) != 1
     upstream = random_upstream((32, 7), torch.float32, "cpu", seed=10).T
     needs_grad = [True] * 8 + [False]  # no shared_token_weight in this case
-    strided = fused_experts_grads(upstream, *case.args(), needs_grad)
-    contiguous = fused_experts_grads(upstream.contiguous(), *(t.contiguous() if torch.is_tensor(t) else t
-                                                              for t in case.args()), needs_grad)
+    projections = projections_of(case.args())
+    strided = fused_experts_grads(upstream, projections, *case.args(), needs_grad)
+    contiguous = fused_experts_grads(upstream.contiguous(), projections, *(t.contiguous() if torch.is_tensor(t)
+                                                                           else t for t in case.args()), needs_grad)
     for got, want in zip(strided[:-1], contiguous[:-1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     # The configuration space (no bfloat16: see above).
@@ -424,7 +503,8 @@ def test_cuda_backward_never_synchronises_and_is_deterministic():
 def test_cuda_backward_graph_capture_and_replay():
     case = _backward_case(48)
     upstream = random_upstream(case.hidden.shape, torch.bfloat16, "cuda", seed=8)
-    static = [upstream.clone(), *(t.clone() if torch.is_tensor(t) else t for t in case.args())]
+    static = [upstream.clone(), projections_of(case.args()), *(t.clone() if torch.is_tensor(t) else t
+                                                              for t in case.args())]
 
     def backward():
         return torch.ops.moe_fusion.fused_experts_backward(*static, [True] * 9)
@@ -439,7 +519,8 @@ def test_cuda_backward_graph_capture_and_replay():
         captured = backward()
 
     fresh = _backward_case(48).replace(hidden=case.hidden.flip(0))
-    fresh_args = [random_upstream(case.hidden.shape, torch.bfloat16, "cuda", seed=9), *fresh.args()]
+    fresh_args = [random_upstream(case.hidden.shape, torch.bfloat16, "cuda", seed=9), projections_of(fresh.args()),
+                  *fresh.args()]
     for buffer, value in zip(static, fresh_args, strict=True):
         if torch.is_tensor(buffer):
             buffer.copy_(value)

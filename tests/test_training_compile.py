@@ -13,7 +13,9 @@ from moe_blocks import HandWrittenBlock, TorchtitanMainStyleBlock, TorchtitanSty
 import fusion_passes
 from fusion_passes.report import collector
 
-GATE, EXPERTS = "moe_fusion::moe_fused_gate", "moe_fusion::fused_experts"
+# Under autograd fused_experts runs as fused_experts_train, which also returns the projections its
+# backward reads: a compiled training step's forward calls that op.
+GATE, EXPERTS = "moe_fusion::moe_fused_gate", "moe_fusion::fused_experts_train"
 GATE_BACKWARD, EXPERTS_BACKWARD = "moe_fusion::moe_fused_gate_backward", "moe_fusion::fused_experts_backward"
 
 
@@ -68,7 +70,7 @@ def test_training_step_runs_the_fused_ops_and_matches_eager(kind, experts_implem
     assert not internal_errors(report) and not report.refusals, [r.reason for r in report.refusals]
     shared_layers = 0 if kind == "qwen3_moe" else layers  # Qwen3-MoE has no shared expert
     assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [layers, layers, shared_layers]
-    # Forward: one gate and one fused_experts per layer; backward: each one's backward op, but
+    # Forward: one gate and one fused_experts_train per layer; backward: each one's backward op, but
     # DeepseekV2's gate, whose weights come from the masked scores, differentiates through the formula.
     expected = {GATE: layers, EXPERTS: layers, GATE_BACKWARD: layers, EXPERTS_BACKWARD: layers}
     if kind == "deepseek_v2":

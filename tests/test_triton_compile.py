@@ -9,6 +9,8 @@ launch configuration is compiled: every row of the tile tables, both dtypes, eve
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -55,8 +57,8 @@ def test_gemm_kernels_compile_for_every_tile_row(dtype):
     for _, block_m, group_m, gate_up, down in TABLES[dtype]:
         common = dict(BLOCK_M=block_m, GROUP_M=group_m)
         gate_up_meta = dict(common, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k)
-        for gated in (True, False):
-            compile_for_hopper(forward._gate_up_kernel, dtype, gate_up.num_warps, gate_up.num_stages, GATED=gated,
+        for save in (True, False):
+            compile_for_hopper(forward._gate_up_kernel, dtype, gate_up.num_warps, gate_up.num_stages, SAVE=save,
                                **gate_up_meta)
         compile_for_hopper(backward._gate_up_backward_kernel, dtype, gate_up.num_warps, gate_up.num_stages,
                            **gate_up_meta)
@@ -67,10 +69,11 @@ def test_gemm_kernels_compile_for_every_tile_row(dtype):
 
 @pytest.mark.parametrize("dtype", sorted(TABLES))
 def test_weight_gradient_kernel_compiles(dtype):
-    tiles = backward.weight_grad_tiles(torch.float32 if dtype == "*fp32" else torch.bfloat16)
-    meta = dict(BLOCK_N1=tiles.block_n1, BLOCK_N2=tiles.block_n2, BLOCK_R=tiles.block_r)
     # The two uses: gate/up (two accumulators, x gathered) and down (scaled upstream gradient gathered).
-    for two, scaled in ((True, False), (False, True)):
+    # Short and long slots (rows per step) for each.
+    for (two, scaled), rows_per_slot in itertools.product(((True, False), (False, True)), (18, 574)):
+        tiles = backward.weight_grad_tiles(torch.float32 if dtype == "*fp32" else torch.bfloat16, two, rows_per_slot)
+        meta = dict(BLOCK_N1=tiles.block_n1, BLOCK_N2=tiles.block_n2, BLOCK_R=tiles.block_r)
         compile_for_hopper(backward._weight_grad_kernel, dtype, tiles.num_warps, tiles.num_stages, A_GATHERED=scaled,
                            B_GATHERED=two, SCALED=scaled, TWO=two, SLOT_ALONG_N2=scaled, **meta)
 
