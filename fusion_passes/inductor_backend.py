@@ -5,7 +5,10 @@ by the backend before Inductor, or by ``BeforeAutogradPass``, install()'s pre-gr
 Inductor takes one post-grad custom pass (torch 2.11 / 2.12), so ``FusionPass`` runs the enabled
 rewrites in order and then any pass that was already configured. Its ``uuid()`` hashes the pass
 sources and the enabled rewrites: Inductor's FX graph cache keys on it, so a cached graph is reused
-only with the same rewrites, and a graph compiled without them is never served with them.
+only with the same rewrites, and a graph compiled without them is never served with them. It also
+hashes the ops' Python sources and schemas, which Inductor's own key leaves out: compiled code calls
+the fused ops by schema, and code compiled against an older moe_fusion must not be served after an
+upgrade changed one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ops
 import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -34,7 +38,16 @@ REWRITES: dict[str, Callable] = {
     "shared_experts": rewrite_shared_experts,
 }
 
-_PASS_SOURCES = tuple(sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py"))))
+_SOURCES = tuple(sorted(path for package in (os.path.dirname(__file__), os.path.dirname(ops.__file__))
+                        for path in glob.glob(os.path.join(package, "*.py"))))
+
+
+def library_key() -> tuple:
+    """What a compiled graph depends on besides itself: the hash of the passes' and the ops' Python
+    sources, and every moe_fusion op schema."""
+    names = {name.split(".")[0] for name in torch._C._dispatch_get_all_op_names() if name.startswith("moe_fusion::")}
+    schemas = sorted(str(schema) for name in names for schema in torch._C._jit_get_schemas_for_operator(name))
+    return get_hash_for_files(_SOURCES), tuple(schemas)
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,7 @@ class FusionPass(CustomGraphPass):
             chained = self.chained.uuid() if hasattr(self.chained, "uuid") else None
             if chained is None:
                 return None  # the chained pass cannot be cached: neither can we
-        return (get_hash_for_files(_PASS_SOURCES), self.rewrites, self.options, chained)
+        return (library_key(), self.rewrites, self.options, chained)
 
 
 def _mode_and_option_patches(mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:

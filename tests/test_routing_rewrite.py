@@ -4,6 +4,7 @@ reference contract (and so with eager), look-alikes left alone, caches, dynamic 
 from __future__ import annotations
 
 import logging
+import os
 
 import expecttest
 import pytest
@@ -185,6 +186,20 @@ def test_fx_graph_cache_hit_serves_the_rewritten_graph_and_never_a_stale_one(tmp
         assert compile_and_count(fusion_passes.make_backend(rewrites=[])) == ({}, 0, 1)
         # The default backend (no pass at all) does not get it either.
         assert compile_and_count("inductor") == ({}, 0, 1)
+
+
+def test_cache_key_covers_the_ops_sources_and_schemas():
+    """Compiled code calls the fused ops by schema: the pass's cache key changes with any of them (and
+    with the ops' Python sources), so an upgrade never gets code compiled against the old ones."""
+    from fusion_passes import inductor_backend
+
+    files_hash, schemas = inductor_backend.library_key()
+    ops = ("moe_fused_gate", "moe_fused_gate_backward", "fused_experts", "fused_experts_train",
+           "fused_experts_backward")
+    expected = sorted(str(schema) for op in ops for schema in getattr(torch.ops.moe_fusion, op)._schemas.values())
+    assert len(expected) == 6 and list(schemas) == expected  # moe_fused_gate has an .out overload
+    assert {"experts_autograd.py", "routing.py"} <= {os.path.basename(path) for path in inductor_backend._SOURCES}
+    assert fusion_passes.FusionPass().uuid()[0] == (files_hash, schemas)
 
 
 def test_install_adds_the_rewrite_to_the_default_backend():
