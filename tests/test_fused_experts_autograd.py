@@ -162,6 +162,28 @@ def test_projections_are_saved_only_when_a_gradient_is_needed(device):
         assert fused_op_calls(run) == {plain: 1}
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_activation_checkpointing_gives_the_same_gradients(device):
+    """torch.utils.checkpoint (as torchtitan and HF gradient checkpointing wrap a block): the forward
+    runs without saving, the backward reruns it (fused_experts_train again) and gets the same gradients."""
+    case = make_case(tokens=13, num_experts=6, topk=3, num_shared=1, dtype=torch.bfloat16, device=device,
+                     token_weight=True)
+    upstream = random_upstream(case.hidden.shape, torch.bfloat16, device, seed=13)
+    grads = []
+    for checkpointed in (False, True):
+        leaves = leaves_of(case, "gate_up")
+
+        def block(*tensors, names=tuple(leaves)):
+            return fused_experts(*op_args(dict(zip(names, tensors, strict=True)), case.topk_ids))
+
+        out = (torch.utils.checkpoint.checkpoint(block, *leaves.values(), use_reentrant=False) if checkpointed
+               else block(*leaves.values()))
+        grads.append(torch.autograd.grad(out, list(leaves.values()), upstream))
+    for name, plain, checkpointed in zip(leaves, *grads, strict=True):
+        assert plain.abs().max() > 0, name
+        assert torch.equal(plain, checkpointed), name
+
 # The backward op's rules, each broken on its own: (name, change of the arguments, message).
 BAD_BACKWARD_ARGS = [
     ("grad_out_shape", lambda a: {**a, "grad_out": a["grad_out"][:-1]}, "grad_out must be like hidden"),
