@@ -98,7 +98,7 @@ class Ids:
 class RouteWeights:
     route: Route
     flat: bool
-    source: Node  # the [T, K] weights tensor (the gate's, or the gate's times a run-time scalar)
+    source: Node  # the [T, K] weights tensor (the gate's, or the gate's rescaled: see _rescaled_weights)
 
 
 @dataclass(frozen=True)
@@ -616,11 +616,29 @@ class ExpertsAnalysis:
             rows = self.of(strip_views(rows, {prims.convert_element_type.default}))
             if isinstance(weights, SortedWeights) and isinstance(rows, SortedRows) and rows.route == weights.route:
                 return WeightedRows(weights.route)
-        for weights, factor in ((ma, b), (mb, a)):  # weights times a run-time scalar (e.g. a dynamic float)
-            if isinstance(weights, RouteWeights) and not weights.flat and self.of(factor) is None \
-                    and fake(factor) is not None and fake(factor).numel() == 1:
-                return replace(weights, source=node)
+        for weights, factor in ((ma, b), (mb, a)):
+            rescaled = self._rescaled_weights(node, weights, factor)
+            if rescaled is not None:
+                return rescaled
         return None
+
+    def div(self, node: Node):
+        return self.activation(node) or self._rescaled_weights(node, self.of(node.args[0]), node.args[1])
+
+    def _rescaled_weights(self, node: Node, weights: Any, factor: Any) -> RouteWeights | None:
+        """The gate's [T, K] weights times (or divided by) one value per token, or one value in all: a
+        scaling or renormalisation the gate op did not do (a run-time scalar; ERNIE-4.5's
+        w / clamp(sum(w), min)). Still one weight per (token, pick): fused_experts reads `node`."""
+        if not isinstance(weights, RouteWeights) or weights.flat or fake(factor) is None or fake(node) is None:
+            return None
+        tokens, topk = fake(weights.source).shape[0], weights.route.topk
+        shape = fake(factor).shape
+        per_token = len(shape) == 2 and same_size(shape[0], tokens) and static_int(shape[1]) == 1
+        if not (fake(factor).numel() == 1 and self.of(factor) is None or per_token):
+            return None
+        out = fake(node).shape
+        return replace(weights, source=node) if len(out) == 2 and same_size(out[0], tokens) \
+            and static_int(out[1]) == topk else None
 
     def index_add(self, node: Node):
         base, dim, index, source = node.args[:4]
@@ -688,7 +706,7 @@ _HANDLERS = {
     aten.unsqueeze.default: ExpertsAnalysis.unsqueeze,
     aten.split.Tensor: ExpertsAnalysis.split,
     aten.silu.default: ExpertsAnalysis.activation,
-    aten.div.Tensor: ExpertsAnalysis.activation,
+    aten.div.Tensor: ExpertsAnalysis.div,
     aten.mul.Tensor: ExpertsAnalysis.mul,
     aten.sum.dim_IntList: ExpertsAnalysis.sum,
     prims.convert_element_type.default: ExpertsAnalysis.convert,

@@ -772,7 +772,11 @@ def _plan(analysis: RoutingAnalysis, topk: ExpertTopk) -> _Plan | str:
     escaping = [n for n in derived if any(u not in derived_set for u in n.users)]
     ids_nodes = [n for n in escaping if isinstance(analysis.meaning[n], ExpertIds)]
     weight_nodes = [n for n in escaping if isinstance(analysis.meaning[n], Weights)]
-    others = [n for n in escaping if n not in ids_nodes and n not in weight_nodes]
+    # The sum of weights that leave the routing may leave it too (a renormalisation the contract does
+    # not describe, such as ERNIE-4.5's w / clamp(sum(w), min)): it stays, reading the fused weights.
+    kept_sums = [n for n in escaping if isinstance(analysis.meaning[n], WeightSum)
+                 and analysis.meaning[n].eps is None and analysis.meaning[n].of in weight_nodes]
+    others = [n for n in escaping if n not in ids_nodes and n not in weight_nodes and n not in kept_sums]
     if others:
         return (f"{_describe(analysis.meaning[others[0]])} of the routing (node {others[0].name}) is used outside "
                 f"the routing; the fused op cannot produce it")
@@ -833,6 +837,7 @@ def _plan(analysis: RoutingAnalysis, topk: ExpertTopk) -> _Plan | str:
         " -> ".join(source.how) if isinstance(source, Masked) else "",
         f"topk(k={topk.k}, sorted={topk.sorted})",
         " ".join(weights.how),
+        "their sum left to the graph" if kept_sums else "",
     ]))
     return _Plan(topk, ids_nodes, weight_nodes, weights, sel, params, spelling)
 

@@ -7,11 +7,13 @@ per token by ``sigmoid(x @ w)`` (Qwen2-MoE). The add may be Inductor's
 torchtitan main adds them). A shared MLP of intermediate size ``S*I`` is the sum of ``S`` experts of
 the routed size ``I``, so the rewrite asks a copy of the fused gate for ``S`` extra columns (ids
 ``E..E+S-1``, weight 1) and passes the shared MLP's own Linear weights to ``fused_experts`` as those
-slots: nothing is copied. Other readers of the gate's ids (torchtitan's load-balancing counts) read
-the copy's first ``k`` columns, the same picks, so one gate runs. A routed scaling applied to the
-routed output (``routed * rsf + shared``) moves into the gate's weights; a run-time scalar on the
-gate's weights (a float that ``torch.compile(dynamic=True)`` made a graph input) keeps scaling the
-routed columns only.
+slots: nothing is copied. Other readers of the gate's outputs (torchtitan's load-balancing counts)
+read the copy's first ``k`` columns, the same picks and weights, so one gate runs. A routed scaling
+applied to the routed output (``routed * rsf + shared``) moves into the gate's weights. Routed
+weights computed after the gate (times a run-time scalar, a float that ``torch.compile(dynamic=True)``
+made a graph input; renormalised by ``clamp(sum, min)``, as ERNIE-4.5 does) keep being computed from
+the copy's first ``k`` columns, the shared columns are appended to them, and a routed scaling
+multiplies them (inside the gate a renormalisation would undo it).
 
 Anything else between the routed sum and the add (a norm, a projection, an average), a shared MLP
 that reads other tokens, another activation or biased Linears: the graph is left as it was and the
@@ -213,6 +215,7 @@ class _Plan:
     slots: int
     scale: float | None
     shape_sources: list  # how to shape the fused output like the add (graph_utils.size_sources)
+    reading: _GateReading  # the fused gate the routed experts read, and their weights
 
 
 def _routed_side(node: Any, experts_nodes: set[Node]) -> tuple[Node, float | None] | str | None:
@@ -257,7 +260,9 @@ def rewrite_shared_experts(graph: Graph, options: Any = None) -> tuple[list[Rewr
         rewrites.append(Rewrite(PASS_NAME, location, _spelling(plan), dict(
             shared_slots=plan.slots, gate=_weight_text(plan.shared.gate), up=_weight_text(plan.shared.up),
             down=plan.shared.down.name,
-            token_gate=plan.shared.token_gate is not None, routed_scale_moved_to_gate=plan.scale)))
+            token_gate=plan.shared.token_gate is not None,
+            routed_scale_moved_to_gate=plan.scale if plan.reading.derived is None else None,
+            routed_scale_on_weights=plan.scale if plan.reading.derived is not None else None)))
     if rewrites:
         graph.eliminate_dead_code()
         graph.lint()
@@ -269,6 +274,8 @@ def _spelling(plan: _Plan) -> str:
              f"{plan.slots} shared slot(s) of the routed intermediate size"]
     if plan.shared.token_gate is not None:
         parts.append("sigmoid-gated per token")
+    if plan.reading.derived is not None:
+        parts.append("routed weights computed after the gate (shared columns appended to them)")
     return "; ".join(parts)
 
 
@@ -321,12 +328,12 @@ def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, rou
         return "the routed or the shared output is also used elsewhere; fusing would compute it twice"
     reading = _gate_of(experts)
     if reading is None:
-        return ("the routed experts' weights are neither the fused gate's own nor the gate's times a run-time "
-                "scalar, so shared columns cannot be added to them")
+        return ("the routed experts' ids are not a fused gate's own [T, K] picks, or their weights are not "
+                "[T, K], so shared columns cannot be added to them")
     gate_node = reading.gate
     if gate_node.args[12]:
         return "the fused gate leaves the routed scaling to its caller"
-    if scale is not None and gate_node.args[_SCALE_ARG] != 1.0:
+    if scale is not None and reading.derived is None and gate_node.args[_SCALE_ARG] != 1.0:
         return "the routed output is scaled after weights that are already scaled"
     if not same_size(fake(add).numel(), x.numel()):
         return "the add broadcasts the expert outputs"
@@ -335,7 +342,7 @@ def _check(add: Node, experts: Node, shared: SharedMLP, scale: float | None, rou
     sources = size_sources(fake(add).shape, [hidden, strip_views(hidden), shared.x])
     if sources is None:
         return "the block's output shape cannot be rebuilt from the hidden states' sizes"
-    return _Plan(add, experts, shared, total // inter, scale, sources)
+    return _Plan(add, experts, shared, total // inter, scale, sources, reading)
 
 
 def _used_once(node: Node, origin: Node) -> bool:
@@ -350,52 +357,50 @@ def _used_once(node: Node, origin: Node) -> bool:
 
 @dataclass
 class _GateReading:
-    gate: Node  # the fused gate whose (weights, ids) the fused_experts node reads
-    factor: Node | None  # a run-time scalar the weights are multiplied by after the gate
+    gate: Node  # the fused gate whose ids (and weights) the fused_experts node reads
+    derived: Node | None  # the [T, K] weights it reads when they are not the gate's own
 
 
 def _gate_of(experts: Node) -> _GateReading | None:
-    """How the fused_experts node reads a fused gate: its outputs, the weights maybe times a run-time
-    scalar (a float that torch.compile(dynamic=True) turned into a graph input, e.g. the routed
-    scaling factor)."""
+    """How the fused_experts node reads a fused gate without shared columns: its ids, and its weights or
+    [T, K] weights computed after it (times a run-time scalar, such as a float torch.compile(dynamic=True)
+    made a graph input; renormalised, as ERNIE-4.5 does: any per-pair weights serve)."""
     weights, ids = experts.args[1:3]
-    factor = None
-    if isinstance(weights, Node) and weights.target == aten.mul.Tensor:
-        for own, other in (weights.args[:2], weights.args[1::-1]):
-            if isinstance(own, Node) and own.target is operator.getitem and isinstance(other, Node) \
-                    and fake(other) is not None and fake(other).numel() == 1:
-                weights, factor = own, other
-                break
-    if not all(isinstance(n, Node) and n.target is operator.getitem for n in (weights, ids)):
+    if not (isinstance(ids, Node) and ids.target is operator.getitem and ids.args[1] == 1):
         return None
     gate = ids.args[0]
-    if gate.target != GATE_OP or weights.args[0] is not gate or (weights.args[1], ids.args[1]) != (0, 1):
+    if gate.target != GATE_OP or gate.args[_SHARED_ARG] != 0 or fake(weights) is None:
         return None
-    return _GateReading(gate, factor)
+    if isinstance(weights, Node) and weights.target is operator.getitem and weights.args == (gate, 0):
+        return _GateReading(gate, None)
+    return _GateReading(gate, weights) if same_shape(fake(weights).shape, fake(ids).shape) else None
 
 
 def _emit(graph: Graph, plan: _Plan) -> None:
-    experts, shared = plan.experts, plan.shared
-    reading = _gate_of(experts)
+    experts, shared, reading = plan.experts, plan.shared, plan.reading
     old_gate, topk = reading.gate, reading.gate.args[4]
     build = GraphBuilder(graph, experts.args[0])
     gate_args = list(old_gate.args)
     gate_args[_SHARED_ARG] = plan.slots
-    if plan.scale is not None:
+    if plan.scale is not None and reading.derived is None:
         gate_args[_SCALE_ARG] = plan.scale
     with graph.inserting_before(old_gate.next):  # before every reader of the old gate
         gate = build.call(GATE_OP, tuple(gate_args))
         weights = build.call(operator.getitem, (gate, 0))
         ids = build.call(operator.getitem, (gate, 1))
-        # Contiguous, as the old ids were: readers may view them (before autograd, views are checked).
-        routed_ids = build.call(aten.clone.default, (build.call(aten.slice.Tensor, (ids, -1, 0, topk)),))
-    # The first k columns are the same picks: other readers of the ids (e.g. torchtitan's
-    # load-balancing counts) read them, so that one gate runs.
-    for old_ids in [n for n in old_gate.users if n.args[1] == 1]:
-        old_ids.replace_all_uses_with(routed_ids)
+        # Contiguous, as the old outputs were: readers may view them (before autograd, views are checked).
+        routed_ids, routed_weights = (build.call(aten.clone.default, (build.call(aten.slice.Tensor, (t, -1, 0, topk)),))
+                                      for t in (ids, weights))
+    # The first k columns are the same picks and weights: other readers of the old gate (e.g.
+    # torchtitan's load-balancing counts, or the ops computing derived weights) read them, so that one
+    # gate runs.
+    for old_output in list(old_gate.users):
+        old_output.replace_all_uses_with(routed_ids if old_output.args[1] == 1 else routed_weights)
     with graph.inserting_before(plan.add):
-        if reading.factor is not None:  # the run-time scalar scales the routed columns only
-            routed = build.call(aten.mul.Tensor, (build.call(aten.slice.Tensor, (weights, -1, 0, topk)), reading.factor))
+        if reading.derived is not None:  # computed from the routed columns: the shared ones follow them
+            routed = reading.derived
+            if plan.scale is not None:  # on the weights, not inside the gate: they may be renormalised
+                routed = build.call(aten.mul.Tensor, (routed, plan.scale))
             shared_columns = build.call(aten.slice.Tensor, (weights, -1, topk, topk + plan.slots))
             weights = build.call(aten.cat.default, ([routed, shared_columns], -1))
         token_weight = None

@@ -35,6 +35,8 @@ class HandWrittenBlock(nn.Module):
 
     def routed(self, flat: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(flat)
+        if self.variant.startswith("renormalised"):  # again, as ERNIE-4.5 does: divided by clamp(sum, min)
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         topk = ids.shape[-1]
         rows = flat.repeat_interleave(topk, dim=0)
         gate_up = torch.bmm(self.gate_up_proj[ids.reshape(-1)], rows.unsqueeze(-1)).squeeze(-1)
@@ -62,7 +64,7 @@ class HandWrittenBlock(nn.Module):
         v = self.variant
         if v == "shared_first":
             return self.shared(x) + routed
-        if v == "scaled_output":
+        if v in ("scaled_output", "renormalised_scaled_output"):
             return routed * 2.5 + self.shared(x)
         if v == "gated_shared":
             return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared(x)

@@ -1602,16 +1602,6 @@ CASES += [
           "no shared slot)",
           _RenormOverFirstKMinus1, shape=(7, H), **_LOOK, naive=_LOOK_NAIVE,
           reason="the denominator leaves out one chosen expert, and which one depends on the top-k order"),
-    _case("lookalike_renorm_eps_tensor", "look-alike: (sum + eps) where eps is a registered buffer (a graph input)",
-          _RenormEpsFromTensor, shape=(7, H), **_LOOK, naive=_LOOK_NAIVE,
-          reason="eps is runtime data (0.5 here) that can change between calls; the op takes eps as a "
-                 "compile-time float, so baking in its current value would be wrong"),
-    _case("lookalike_renorm_clamp_min",
-          "look-alike: weights / sum.clamp_min(1e-20) (a vLLM-derived fork's grouped_topk, stored copy)",
-          _RenormClampMin, shape=(7, H), **_LOOK,
-          reason="max(sum, eps) is neither sum + eps nor sum: it differs from renormalize_eps=0 only when every "
-                 "chosen weight underflows (sum < 1e-20), so a rewrite would change those tokens; not exactly "
-                 "expressible (no naive check: the sample never reaches that range)"),
     _case("lookalike_relu_scoring", "look-alike: relu scoring",
           _ReluScoring, shape=(7, H), **_LOOK, naive=_LOOK_NAIVE,
           reason="scores = relu(logits); the op scores with sigmoid or softmax only"),
@@ -1648,6 +1638,19 @@ CASES += [
           naive=_expect(8, 4, 8, masked_score=0.0, routed_scaling_factor=2.5),
           reason="the weights are gathered from the biased (s + bias) scores, not from the unbiased s; the op "
                  "never puts the bias into the weights"),
+]
+
+# Renormalisations the gate op does not express, applied to weights it does compute: the gate
+# computes the weights unnormalised (renormalize=False, no scaling) and the model's renormalisation and
+# scaling stay in the graph, reading them (the sum of the weights leaves the routing).
+LEFT_IN_GRAPH_CASES: list[RoutingCase] = [
+    _case("renorm_eps_tensor", "(sum + eps) where eps is a registered buffer (a graph input, 0.5 here)",
+          _RenormEpsFromTensor, shape=(7, H), **_LOOK,
+          expected=_expect(8, 4, 8, renormalize=False, routed_scaling_factor=1.0)),
+    _case("renorm_clamp_min", "weights / sum.clamp_min(1e-20) (a vLLM-derived fork's grouped_topk, stored copy; "
+          "ERNIE-4.5 divides by clamp(sum, min) too)",
+          _RenormClampMin, shape=(7, H), **_LOOK,
+          expected=_expect(8, 4, 8, renormalize=False, routed_scaling_factor=1.0)),
 ]
 
 

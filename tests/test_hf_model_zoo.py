@@ -9,8 +9,10 @@ What each model's MoE block is, and so what the passes must do with it:
   HunYuan-MoE-V1: softmax top-k routing and a shared MLP: all three rewrites.
 - GPT-OSS: the experts add biases and clamp an interleaved SwiGLU of their own: not
   fused_experts' function, nothing rewritten.
-- ERNIE-4.5-MoE: the routing weights are divided by clamp(sum, min=eps), a renormalisation the
-  gate op does not have (it adds eps to the sum): refused, with the reason.
+- ERNIE-4.5-MoE: softmax routing with a score-correction bias, the weights divided by
+  clamp(sum, min=eps), a renormalisation the gate op does not have (it adds eps to the sum): the
+  gate computes the weights unnormalised and the clamp and division stay in the graph; the experts
+  read the renormalised weights and the shared MLP rides along: all three rewrites.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ MODELS = {
                 dict(num_local_experts=8, num_experts_per_tok=2, **FULL_ATTENTION), (0, 0, 0), None),
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
                      dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
-                          moe_layer_start_index=0), (0, 0, 0), "is used outside the routing"),
+                          moe_layer_start_index=0), (1, 1, 1), None),
 }
 
 

@@ -238,7 +238,7 @@ def _compare(compiled_out, eager_out, dtype):
 
 
 FUSED_VARIANTS = ["plain", "shared_first", "scaled_output", "gated_shared", "shared_gate_up_chunk",
-                  "shared_gate_up_interleaved", "shared_gate_up_strided"]
+                  "shared_gate_up_interleaved", "shared_gate_up_strided", "renormalised", "renormalised_scaled_output"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -250,7 +250,11 @@ def test_routed_plus_shared_becomes_one_fused_experts(variant, dtype):
     rewrite = next(r for r in report.rewrites if r.pass_name == "shared_experts")
     assert rewrite.params["shared_slots"] == 64 // block.cfg.moe_intermediate_size
     assert rewrite.params["token_gate"] == (variant == "gated_shared")
+    # Routed weights renormalised after the gate: the shared columns are appended to them, and a scaling
+    # of the routed output multiplies them (inside the gate it would be renormalised away).
     assert (rewrite.params["routed_scale_moved_to_gate"] == 2.5) == (variant == "scaled_output")
+    assert (rewrite.params["routed_scale_on_weights"] == 2.5) == (variant == "renormalised_scaled_output")
+    assert ("routed weights computed after the gate" in rewrite.spelling) == variant.startswith("renormalised")
     # A fused gate_up Linear is passed as row views: blocks of rows, or every other row.
     expected_gate_up = {"shared_gate_up_chunk": ("[0:64]", "[64:128]"),
                         "shared_gate_up_interleaved": ("[0:128:2]", "[1:128:2]"),

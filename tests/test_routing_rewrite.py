@@ -17,7 +17,16 @@ from compile_checks import (
     no_compile_caches,
     normalized_ops,
 )
-from routing_zoo import CASES, H, DeepSeekV3Gate, _case, _expect, compare_with_reference, make_inputs
+from routing_zoo import (
+    CASES,
+    LEFT_IN_GRAPH_CASES,
+    H,
+    DeepSeekV3Gate,
+    _case,
+    _expect,
+    compare_with_reference,
+    make_inputs,
+)
 
 import fusion_passes
 from fusion_passes import routing
@@ -67,6 +76,26 @@ def test_spelling_is_rewritten_and_matches_the_contract(case):
     for name, got, want in zip(case.outputs, outputs, eager):
         if name not in ("weights", "ids"):  # other outputs (logits, scores) are left as they were
             torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", LEFT_IN_GRAPH_CASES, ids=[c.name for c in LEFT_IN_GRAPH_CASES])
+def test_renormalisation_the_op_lacks_stays_in_the_graph(case):
+    """The gate computes the unnormalised weights (its contract); the model's own renormalisation and
+    scaling keep running on them in the graph, so the outputs are eager's."""
+    module = case.make_module()
+    hidden = make_inputs(case)
+    compiled, outputs, report = compile_with_report(module, hidden)
+    assert not internal_errors(report)  # (the experts rewrite reports that a router alone has no experts)
+    assert report.count("routing") == 1 and report.rewrites[0].spelling.endswith("their sum left to the graph")
+    assert {k: report.rewrites[0].params[k] for k in case.expected} == case.expected
+    with torch.no_grad():
+        assert fused_op_calls(compiled, hidden) == {GATE: 1}
+        eager = module(hidden)
+    # The module's top-k is unsorted (eager's order is unspecified): compare each token's picks by id.
+    got, want = (dict(zip(case.outputs, o, strict=True)) for o in (outputs, eager))
+    order, eager_order = got["ids"].argsort(-1), want["ids"].argsort(-1)
+    assert torch.equal(got["ids"].gather(-1, order), want["ids"].gather(-1, eager_order))
+    torch.testing.assert_close(got["weights"].gather(-1, order), want["weights"].gather(-1, eager_order))
 
 
 @pytest.mark.parametrize("case", LOOK_ALIKES, ids=[c.name for c in LOOK_ALIKES])

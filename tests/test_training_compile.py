@@ -171,7 +171,7 @@ def test_export_that_makes_a_dynamic_size_constant_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["plain", "gated_shared", "scaled_output", "shared_gate_up_chunk",
-                                     "shared_gate_up_interleaved"])
+                                     "shared_gate_up_interleaved", "renormalised_scaled_output"])
 def test_hand_written_block_gradients_reach_inputs_and_every_weight(variant):
     """Gradients w.r.t. the hidden states, the router, the expert tensors (read through gate/up
     slices) and the shared MLP (with its sigmoid token gate, or one gate_up Linear read through row
