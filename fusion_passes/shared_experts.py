@@ -391,11 +391,14 @@ def _emit(graph: Graph, plan: _Plan) -> None:
         # Contiguous, as the old outputs were: readers may view them (before autograd, views are checked).
         routed_ids, routed_weights = (build.call(aten.clone.default, (build.call(aten.slice.Tensor, (t, -1, 0, topk)),))
                                       for t in (ids, weights))
-    # The first k columns are the same picks and weights: other readers of the old gate (e.g.
-    # torchtitan's load-balancing counts, or the ops computing derived weights) read them, so that one
-    # gate runs.
+    # The first k columns are the same picks, and the same weights unless the routed scaling moved into
+    # the gate: other readers of the old gate (e.g. torchtitan's load-balancing counts, or the ops
+    # computing derived weights) read them, so that one gate runs. Readers of weights the scaling
+    # changed keep the old gate.
+    same_weights = gate_args[_SCALE_ARG] == old_gate.args[_SCALE_ARG]
     for old_output in list(old_gate.users):
-        old_output.replace_all_uses_with(routed_ids if old_output.args[1] == 1 else routed_weights)
+        if old_output.args[1] == 1 or same_weights:
+            old_output.replace_all_uses_with(routed_ids if old_output.args[1] == 1 else routed_weights)
     with graph.inserting_before(plan.add):
         if reading.derived is not None:  # computed from the routed columns: the shared ones follow them
             routed = reading.derived

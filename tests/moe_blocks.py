@@ -17,7 +17,7 @@ class HandWrittenBlock(nn.Module):
     def __init__(self, variant: str = "plain", dtype=torch.float32, shared_intermediate: int = 64) -> None:
         super().__init__()
         torch.manual_seed(0)
-        cfg = ExampleConfig(routed_scaling_factor=1.0 if variant == "scaled_output" else 2.5)
+        cfg = ExampleConfig(routed_scaling_factor=1.0 if variant.startswith("scaled_output") else 2.5)
         self.variant, self.cfg = variant, cfg
         hidden, inter, experts = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         self.gate = Router(cfg)
@@ -34,7 +34,9 @@ class HandWrittenBlock(nn.Module):
         self.to(dtype)
 
     def routed(self, flat: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(flat)
+        return self.experts(flat, *self.gate(flat))
+
+    def experts(self, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.variant.startswith("renormalised"):  # again, as ERNIE-4.5 does: divided by clamp(sum, min)
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         topk = ids.shape[-1]
@@ -60,8 +62,11 @@ class HandWrittenBlock(nn.Module):
 
     def forward(self, x: torch.Tensor):
         shape = x.shape
-        routed = self.routed(x.view(-1, shape[-1])).view(shape)
         v = self.variant
+        if v == "scaled_output_weights_returned":  # the routing weights have a reader besides the experts
+            weights, ids = self.gate(x.view(-1, shape[-1]))
+            return self.experts(x.view(-1, shape[-1]), weights, ids).view(shape) * 2.5 + self.shared(x), weights
+        routed = self.routed(x.view(-1, shape[-1])).view(shape)
         if v == "shared_first":
             return self.shared(x) + routed
         if v in ("scaled_output", "renormalised_scaled_output"):

@@ -268,6 +268,24 @@ def test_routed_plus_shared_becomes_one_fused_experts(variant, dtype):
         _compare(outputs, block(x), dtype)
 
 
+def test_a_routed_scaling_moved_into_the_gate_leaves_other_weight_readers_unscaled():
+    """routed * 2.5 + shared moves the 2.5 into the widened gate's weights; the block also returns the
+    routing weights, which must stay unscaled: they keep reading the original gate."""
+    block = HandWrittenBlock("scaled_output_weights_returned").eval()
+    x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    compiled, outputs, report = compile_with_report(block, x)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
+        [r.reason for r in report.refusals]
+    assert next(r for r in report.rewrites if r.pass_name == "shared_experts").params["routed_scale_moved_to_gate"] \
+        == 2.5
+    with torch.no_grad():
+        assert fused_op_calls(compiled, x) == {GATE: 2, EXPERTS: 1}
+        (out, weights), (eager_out, eager_weights) = outputs, block(x)
+    _compare(out, eager_out, torch.float32)
+    # The router's top-k is unsorted (eager's order is unspecified): the same weights per token.
+    _compare(weights.sort(-1).values, eager_weights.sort(-1).values, torch.float32)
+
+
 REFUSED_VARIANTS = {
     "norm_between": "sits between the routed experts' sum and the add",
     "other_tokens": "does not read the tokens the routed experts read",
