@@ -286,11 +286,12 @@ def pair_projections(
     w_gate, w_up = gate_and_up(w_gate, w_up)
     num_experts, inter, _ = w_gate.shape
     dtype = accumulation_dtype(hidden.dtype)
+    x_all = hidden.to(dtype)
     ids = topk_ids.reshape(-1).long()
     out = hidden.new_zeros((ids.numel(), 2 * inter), dtype=dtype)
     for e in range(num_expert_slots(w_down, shared_gate)):
         gate, up, _ = expert_slot_weights(e, num_experts, inter, (w_gate, w_up, w_down), (shared_gate, shared_up, None))
         pairs = (ids == e).nonzero().squeeze(1)
-        x = hidden.to(dtype).index_select(0, pairs.div(topk_ids.shape[1], rounding_mode="floor"))
+        x = x_all.index_select(0, pairs.div(topk_ids.shape[1], rounding_mode="floor"))
         out[pairs] = torch.cat([x @ gate.to(dtype).T, x @ up.to(dtype).T], dim=1)
     return out
