@@ -13,6 +13,7 @@ the logits, write weights and ids) over the device-to-device copy bandwidth meas
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -33,9 +34,23 @@ QUICK_TOKENS = [1, 64, 4096, 40000]
 SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
-def fused(logits, bias, groups, topk_group, topk):
-    return ops.moe_fused_gate(logits, bias, groups, topk_group, topk, routed_scaling_factor=2.5,
-                              renormalize_eps=1e-20)
+def gate_with(kernel: str):
+    """Ours with MOE_FUSION_GATE_KERNEL=kernel: "auto" (the segmented CUDA kernel where it
+    applies) or "warp" (one warp per token, the kernel before the segmented one)."""
+
+    def gate(logits, bias, groups, topk_group, topk):
+        os.environ["MOE_FUSION_GATE_KERNEL"] = kernel
+        try:
+            return ops.moe_fused_gate(logits, bias, groups, topk_group, topk, routed_scaling_factor=2.5,
+                                      renormalize_eps=1e-20)
+        finally:
+            del os.environ["MOE_FUSION_GATE_KERNEL"]
+
+    return gate
+
+
+fused = gate_with("auto")
+warp_kernel = gate_with("warp")
 
 
 def unfused(logits, bias, groups, topk_group, topk):
@@ -108,7 +123,7 @@ def bench_cuda(tokens_list, config_names) -> None:
     print(f"card: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes / 2**20:.0f} MiB, "
           f"torch {torch.__version__}, measured copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     header = (f"{'config':<12} {'dtype':<5} {'T':>7} {'ours us':>9} {'floor us':>9} {'ours/floor':>10} "
-              f"{'GB/s':>6} {'eager us':>9} {'eager/ours':>10} {'compile us':>10} {'compile/ours':>12}")
+              f"{'GB/s':>6} {'warp us':>8} {'eager us':>9} {'eager/ours':>10} {'compile us':>10} {'compile/ours':>12}")
     print(header)
     rows = [header]
     for name in config_names:
@@ -127,11 +142,12 @@ def bench_cuda(tokens_list, config_names) -> None:
                 buffers = [torch.randn(tokens, num_experts, device="cuda", generator=gen).to(dtype)
                            for _ in range(count)]
                 ours = time_in_graph_us(lambda x: fused(x, bias, groups, topk_group, topk), buffers)
+                warp = time_in_graph_us(lambda x: warp_kernel(x, bias, groups, topk_group, topk), buffers)
                 eager = time_in_graph_us(lambda x: unfused(x, bias, groups, topk_group, topk), buffers[:8])
                 comp = time_in_graph_us(lambda x: compiled(x, bias, groups, topk_group, topk), buffers[:8])
                 floor = moved / (bandwidth * 1e3)
                 row = (f"{name:<12} {SHORT_DTYPE[dtype]:<5} {tokens:>7} {ours:>9.2f} {floor:>9.2f} {ours / floor:>10.2f} "
-                       f"{moved / ours / 1e3:>6.0f} {eager:>9.1f} {eager / ours:>10.1f} {comp:>10.1f} {comp / ours:>12.1f}")
+                       f"{moved / ours / 1e3:>6.0f} {warp:>8.2f} {eager:>9.1f} {eager / ours:>10.1f} {comp:>10.1f} {comp / ours:>12.1f}")
                 print(row, flush=True)
                 rows.append(row)
                 del buffers

@@ -1,4 +1,9 @@
-// CUDA kernel of moe_fusion::moe_fused_gate.
+// CUDA kernels of moe_fusion::moe_fused_gate: the dispatch, and the warp kernel.
+//
+// With MOE_FUSION_GATE_KERNEL=auto, gate_cuda() sends the common configurations
+// to the segmented kernel (gate_cuda_segmented.cu, a few lanes per token); the
+// warp kernel here takes every other one (compute_dtype emulation, group scores from the top m > 2,
+// groups that do not tile lane chunks, rows that are not 16-byte aligned).
 //
 // One warp routes one token at a time (grid-stride over tokens, the next
 // token's logits loaded while the current one is routed). Lane l holds experts
@@ -14,6 +19,8 @@
 // merges (top1, top2) pairs. Other layouts go through a per-warp shared-memory
 // copy of the selection scores, one lane per group.
 #include "dispatch.h"
+#include "gate_cuda_common.cuh"
+#include "gate_cuda_segmented.h"
 #include "gate_op.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -21,17 +28,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include <cstdlib>
+#include <string>
 
 namespace moe_fusion {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
-constexpr unsigned kFull = 0xFFFFFFFFu;
-
-__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 
 __device__ __forceinline__ float warp_nan_max(float v) {
 #pragma unroll
@@ -44,11 +47,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
   return v;
 }
-
-// torch builds with __CUDA_NO_{HALF,BFLOAT16}_CONVERSIONS__: convert explicitly.
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
 // Loads lane's chunk [lane*VPT, lane*VPT+VPT) of a row; elements >= E read as 0.
 template <typename T, int VPT>
@@ -74,24 +72,6 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int lane, 
   } else {
 #pragma unroll
     for (int j = 0; j < VPT; ++j) v[j] = (first + j < E) ? to_float(row[first + j]) : 0.0f;
-  }
-}
-
-__device__ __forceinline__ void store_weight(void* base, int64_t i, float w, OutDtype dtype) {
-  if (dtype == OutDtype::F32) {
-    static_cast<float*>(base)[i] = w;
-  } else if (dtype == OutDtype::BF16) {
-    static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(w);
-  } else {
-    static_cast<__half*>(base)[i] = __float2half_rn(w);
-  }
-}
-
-__device__ __forceinline__ void store_id(void* base, int64_t i, int id, bool int64) {
-  if (int64) {
-    static_cast<int64_t*>(base)[i] = id;
-  } else {
-    static_cast<int32_t*>(base)[i] = id;
   }
 }
 
@@ -446,6 +426,19 @@ void gate_cuda(const at::Tensor& logits2d, const at::Tensor& bias, const GateCon
   MOE_FUSION_CHECK(cfg.num_experts <= 1024, "moe_fused_gate: on CUDA the number of experts logits.size(-1) must be <= 1024, got ",
                     cfg.num_experts);
   const c10::cuda::CUDAGuard guard(logits2d.device());
+  // MOE_FUSION_GATE_KERNEL: "auto" (the segmented kernel where it applies), "warp" (this file's
+  // kernel always), "segmented" (an error where it does not apply): for tests and benchmarks.
+  // Unset means "warp" until the segmented kernel has passed the CUDA tests on a GPU.
+  const char* env = std::getenv("MOE_FUSION_GATE_KERNEL");
+  const std::string choice = env == nullptr || *env == '\0' ? "warp" : env;
+  MOE_FUSION_CHECK(choice == "auto" || choice == "warp" || choice == "segmented",
+                    "moe_fused_gate: MOE_FUSION_GATE_KERNEL must be auto, warp or segmented, got '", choice, "'");
+  if (choice != "warp") {
+    const char* refusal = gate_cuda_segmented(logits2d, bias, cfg, weights2d, ids2d);
+    if (refusal == nullptr) return;
+    MOE_FUSION_CHECK(choice == "auto", "moe_fused_gate: MOE_FUSION_GATE_KERNEL=segmented, but the segmented kernel "
+                     "does not take this call: ", refusal);
+  }
   const int64_t E = cfg.num_experts, G = cfg.num_groups, P = cfg.group_size;
   const int elem = static_cast<int>(logits2d.element_size());
   const int per_vec = 16 / elem;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -62,6 +63,75 @@ def test_real_configurations(device, name, dtype, tokens):
                    renormalize=c["renorm"], renormalize_eps=1e-20, num_fused_shared_experts=1)
     weights, ids = call_poisoned(logits, bias, c["G"], c["tg"], c["k"], **options)
     check_gate_result(weights, ids, logits, bias, c["G"], c["tg"], c["k"], **options)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["warp", "segmented"])
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 7, 515, 2500])
+def test_both_cuda_kernels_on_real_configurations(monkeypatch, kernel, name, dtype, tokens):
+    """Each CUDA kernel forced in turn (MOE_FUSION_GATE_KERNEL); 515 and 2500 tokens take the
+    segmented kernel's two lane layouts. DeepSeek-V2's groups of 20 fit no segmented layout."""
+    c = REAL_CONFIGS[name]
+    if kernel == "segmented" and name == "deepseek_v2":
+        pytest.skip("groups of 20 experts: the warp kernel's configuration")
+    monkeypatch.setenv("MOE_FUSION_GATE_KERNEL", kernel)
+    gen = torch.Generator().manual_seed(tokens + 1)
+    logits = random_logits((tokens, c["E"]), dtype, "cuda", gen)
+    bias = random_bias(c["E"], torch.float32, "cuda", gen) if c["bias"] else None
+    options = dict(scoring_func=c["scoring_func"], group_score_topk=c["m"], routed_scaling_factor=c["rsf"],
+                   renormalize=c["renorm"], renormalize_eps=1e-20, num_fused_shared_experts=1)
+    weights, ids = call_poisoned(logits, bias, c["G"], c["tg"], c["k"], **options)
+    check_gate_result(weights, ids, logits, bias, c["G"], c["tg"], c["k"], **options)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["warp", "segmented"])
+@settings(max_examples=200)
+@given(case=gate_cases())
+def test_each_cuda_kernel_over_configurations(kernel, case):
+    """The hypothesis sweep with one kernel forced; the segmented kernel skips what it refuses."""
+    os.environ["MOE_FUSION_GATE_KERNEL"] = kernel
+    try:
+        run_case(case, "cuda")
+    except ValueError as error:
+        if "does not take this call" not in str(error):
+            raise
+    finally:
+        del os.environ["MOE_FUSION_GATE_KERNEL"]
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_unknown_kernel_choice_is_rejected(monkeypatch):
+    monkeypatch.setenv("MOE_FUSION_GATE_KERNEL", "fastest")  # neither auto, warp nor segmented
+    with pytest.raises(ValueError, match="MOE_FUSION_GATE_KERNEL must be auto, warp or segmented"):
+        ops.moe_fused_gate(torch.randn(4, 64, device="cuda"), None, 8, 4, 8)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+def test_segmented_kernel_exact_rounds_on_hard_tokens(monkeypatch, scoring_func):
+    """Tokens that leave the threshold path (NaN scores, masked experts that beat kept ones, ties
+    overflowing the candidates) mixed with ordinary tokens in the same warps."""
+    monkeypatch.setenv("MOE_FUSION_GATE_KERNEL", "segmented")
+    gen = torch.Generator().manual_seed(21)
+    logits = random_logits((300, 256), torch.float32, "cpu", gen)
+    logits[5, 17] = float("nan")
+    logits[40:44] = 0.5  # every expert tied
+    logits[77, ::3] = -30.0
+    bias = random_bias(256, torch.float32, "cpu", gen)
+    bias[128:] -= 2.0  # negative biased scores: masked_score 0.0 beats them
+    logits, bias = logits.cuda(), bias.cuda()
+    for fill in (0.0, float("-inf")):
+        options = dict(scoring_func=scoring_func, masked_score=fill, routed_scaling_factor=2.5)
+        weights, ids = call_poisoned(logits, bias, 8, 4, 8, **options)
+        check_gate_result(weights, ids, logits, bias, 8, 4, 8, **options)
+        assert ids[5, 0] == 17 or scoring_func == "softmax"
 
 
 @pytest.mark.parametrize("device", DEVICES)
