@@ -94,6 +94,7 @@ def test_both_cuda_kernels_on_real_configurations(monkeypatch, kernel, name, dty
 @given(case=gate_cases())
 def test_each_cuda_kernel_over_configurations(kernel, case):
     """The hypothesis sweep with one kernel forced; the segmented kernel skips what it refuses."""
+    before = os.environ.get("MOE_FUSION_GATE_KERNEL")
     os.environ["MOE_FUSION_GATE_KERNEL"] = kernel
     try:
         run_case(case, "cuda")
@@ -101,7 +102,10 @@ def test_each_cuda_kernel_over_configurations(kernel, case):
         if "does not take this call" not in str(error):
             raise
     finally:
-        del os.environ["MOE_FUSION_GATE_KERNEL"]
+        if before is None:
+            del os.environ["MOE_FUSION_GATE_KERNEL"]
+        else:
+            os.environ["MOE_FUSION_GATE_KERNEL"] = before
 
 
 @requires_cuda
