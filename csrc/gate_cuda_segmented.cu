@@ -23,11 +23,11 @@
 // warp to exact rounds of segmented arg-max over the same registers, so the
 // kernel is exact on every input, not only on the common ones.
 //
-// Scores are computed from explicit intrinsics (never contracted), so a
-// candidate's score recomputed from shared memory has the bits of the register
-// pass. Supported: fp32 arithmetic (no compute_dtype emulation), group scores
-// from the top 1 or 2, groups of a power-of-two number of lanes, rows that are
-// 16-byte aligned; other configurations go to the warp kernel.
+// Candidates are listed from the registers of the scoring pass, so tau, the
+// group scores and the ranking all see the same bits. Supported: fp32
+// arithmetic (no compute_dtype emulation), group scores from the top 1 or 2,
+// groups of a power-of-two number of lanes, rows that are 16-byte aligned;
+// other configurations go to the warp kernel.
 #include "dispatch.h"
 #include "gate_cuda_common.cuh"
 #include "gate_cuda_segmented.h"
@@ -43,7 +43,6 @@ namespace {
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int kStages = 3;
-constexpr int kCandidates = 32;  // per token; more send the warp to the exact rounds
 constexpr int kMaxTopk = 64;     // the op's limit on topk
 // Below this many tokens the layout with the most lanes per token wins (shorter serial chains).
 constexpr int64_t kFewTokens = 2048;
@@ -64,6 +63,9 @@ struct Layout {
   static constexpr int kStageBytes = kTokensPerWarp * kRowBytes;
   static constexpr int kBiasChunkFloats = padded_chunk_bytes(C * 4) / 4;
   static constexpr int kBiasBytes = L * kBiasChunkFloats * 4;
+  // Candidates a token may list; more send the warp to the exact rounds. With 16 or 32 lanes a
+  // token, tau comes from more (so shallower) chunks and lists more: 64 covers k = 22 of 512.
+  static constexpr int kCandidates = L == 8 ? 32 : 64;
   static constexpr int kCandidateBytes = kTokensPerWarp * kCandidates * 8;  // score + expert index
   static constexpr int kSlotBytes = kTokensPerWarp * kMaxTopk * 4;
   static constexpr int kWarpBytes = kStages * kStageBytes + kCandidateBytes + kSlotBytes;
@@ -95,7 +97,7 @@ __device__ __forceinline__ float min_nan(float a, float b) {
 
 // Selection score before the bias. Sigmoid with the approximate exp2 and reciprocal (a few ulps,
 // like the fused sigmoid of torch.compile's code; pick weights are recomputed exactly); softmax
-// exactly. Only explicit roundings, so the same inputs give the same bits wherever it is inlined.
+// exactly.
 __device__ __forceinline__ float selection_score(float x, bool softmax, float row_max, float row_total) {
   if (softmax) return __fdiv_rn(expf(__fsub_rn(x, row_max)), row_total);
   return rcp_approx(__fadd_rn(1.0f, ex2_approx(__fmul_rn(x, -1.4426950408889634f))));
@@ -149,7 +151,7 @@ struct SegmentedArgs {
 };
 
 template <typename T, int C, int L>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, 4)
     segmented_gate_kernel(const SegmentedArgs args, const GateConfig cfg) {
   using Lay = Layout<T, C, L>;
   constexpr int kTpw = Lay::kTokensPerWarp;
@@ -169,10 +171,33 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   float* bias_s = reinterpret_cast<float*>(smem);
   unsigned char* warp_s = smem + Lay::kBiasBytes + warp * Lay::kWarpBytes;
   unsigned char* after_stages = warp_s + kStages * Lay::kStageBytes;
-  float* cand_score = reinterpret_cast<float*>(after_stages) + seg * kCandidates;
-  int* cand_expert = reinterpret_cast<int*>(after_stages + kTpw * kCandidates * 4) + seg * kCandidates;
+  float* cand_score = reinterpret_cast<float*>(after_stages) + seg * Lay::kCandidates;
+  int* cand_expert = reinterpret_cast<int*>(after_stages + kTpw * Lay::kCandidates * 4) + seg * Lay::kCandidates;
   int* slots = reinterpret_cast<int*>(after_stages + Lay::kCandidateBytes) + seg * kMaxTopk;
 
+  const int64_t total_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int row_pieces = E * static_cast<int>(sizeof(T)) / 16;
+  const int64_t token_stride = total_warps * kTpw;  // tokens between a warp's iterations
+  // Copies this segment's token of the iteration starting at token `base` into `stage`; always
+  // commits a group.
+  auto issue = [&](int64_t base, int stage) {
+    const int64_t t = base + seg;
+    if (t < args.rows) {
+      const char* src = static_cast<const char*>(args.logits) + t * args.row_stride * static_cast<int64_t>(sizeof(T));
+      unsigned char* dst = warp_s + stage * Lay::kStageBytes + seg * Lay::kRowBytes;
+#pragma unroll
+      for (int i = 0; i < Lay::kUnits; ++i) {
+        const int p = i * L + l;  // the segment's lanes copy L consecutive pieces
+        if (p < row_pieces) cp_async16(dst + (p / Lay::kUnits) * Lay::kChunkBytes + (p % Lay::kUnits) * 16, src + p * 16);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // The first stages' copies fly while the bias and the padding are set up.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue((warp_id + s * total_warps) * kTpw, s);
   // The bias in fp32 in the chunk layout: 0 without a bias, -inf for the padding experts >= E.
   for (int e = threadIdx.x; e < L * C; e += blockDim.x) {
     float b = -INFINITY;
@@ -192,35 +217,14 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   }
   __syncthreads();
 
-  const int64_t total_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  const int64_t warp_id = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
-  const int row_pieces = E * static_cast<int>(sizeof(T)) / 16;
-  auto base_token = [&](int64_t it) { return (it * total_warps + warp_id) * kTpw; };
-  auto stage_of = [&](int64_t it) { return warp_s + static_cast<int>(it % kStages) * Lay::kStageBytes; };
-  // Copies this segment's token of iteration `it` into its stage; always commits a group.
-  auto issue = [&](int64_t it) {
-    const int64_t t = base_token(it) + seg;
-    if (t < args.rows) {
-      const char* src = static_cast<const char*>(args.logits) + t * args.row_stride * static_cast<int64_t>(sizeof(T));
-      unsigned char* dst = stage_of(it) + seg * Lay::kRowBytes;
-#pragma unroll
-      for (int i = 0; i < Lay::kUnits; ++i) {
-        const int p = i * L + l;  // the segment's lanes copy L consecutive pieces
-        if (p < row_pieces) cp_async16(dst + (p / Lay::kUnits) * Lay::kChunkBytes + (p % Lay::kUnits) * 16, src + p * 16);
-      }
-    }
-    cp_async_commit();
-  };
-
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(s);
-  for (int64_t it = 0; base_token(it) < args.rows; ++it) {
-    issue(it + kStages - 1);
+  int stage = 0;
+  for (int64_t base = warp_id * kTpw; base < args.rows; base += token_stride, stage = stage + 1 == kStages ? 0 : stage + 1) {
+    issue(base + (kStages - 1) * token_stride, stage == 0 ? kStages - 1 : stage - 1);
     cp_async_wait<kStages - 1>();
     __syncwarp();
-    const int64_t t = base_token(it) + seg;
+    const int64_t t = base + seg;
     const bool active = t < args.rows;
-    const unsigned char* row_s = stage_of(it) + seg * Lay::kRowBytes;
+    const unsigned char* row_s = warp_s + stage * Lay::kStageBytes + seg * Lay::kRowBytes;
     const T* chunk = reinterpret_cast<const T*>(row_s + l * Lay::kChunkBytes);
     const float* bias_chunk = bias_s + l * Lay::kBiasChunkFloats;
 
@@ -266,18 +270,24 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     if (limit_groups) {
       const int n = args.lanes_per_group;
       float g1 = top1, g2 = top2;
-      for (int off = 1; off < n; off <<= 1) {
-        const float o1 = __shfl_xor_sync(kFull, g1, off), o2 = __shfl_xor_sync(kFull, g2, off);
-        g2 = max_nan(min_nan(g1, o1), max_nan(g2, o2));
-        g1 = max_nan(g1, o1);
+#pragma unroll
+      for (int off = 1; off < L; off <<= 1) {
+        if (off < n) {
+          const float o1 = __shfl_xor_sync(kFull, g1, off), o2 = __shfl_xor_sync(kFull, g2, off);
+          g2 = max_nan(min_nan(g1, o1), max_nan(g2, o2));
+          g1 = max_nan(g1, o1);
+        }
       }
       const uint32_t key = order_key(cfg.group_score_topk == 1 ? g1 : __fadd_rn(g1, g2));
       const int groups = L / n, g = l / n;
       int better = 0;  // groups ahead of this one: higher score, or equal with a lower index
-      for (int o = 1; o < groups; ++o) {
-        const int q = g + o < groups ? g + o : g + o - groups;
-        const uint32_t other = __shfl_sync(kFull, key, q * n, L);
-        better += other > key || (other == key && q < g);
+#pragma unroll
+      for (int o = 1; o < L; ++o) {
+        if (o < groups) {
+          const int q = g + o < groups ? g + o : g + o - groups;
+          const uint32_t other = __shfl_sync(kFull, key, q * n, L);
+          better += other > key || (other == key && q < g);
+        }
       }
       kept = better < cfg.topk_group;
     }
@@ -310,28 +320,44 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
       if (l >= d) inclusive += below;
     }
     const int total = __shfl_sync(kFull, inclusive, L - 1, L);
-    const bool exact_rounds = (kept && top2 != top2) || total > kCandidates ||
+    const bool exact_rounds = (kept && top2 != top2) || total > Lay::kCandidates ||
                               (limit_groups && cfg.masked_score >= tau);
 
     if (!__any_sync(kFull, active && exact_rounds)) {
-      // Active tokens have total <= kCandidates here; a segment past the last token holds stale
-      // scores and lists nothing.
+      // Active tokens have total <= Lay::kCandidates here; a segment past the last token holds stale
+      // scores and lists nothing. The list is padded with -inf to whole float4s.
       const int listed = active ? total : 0;
-      int offset = inclusive - count;
-      for (uint32_t m = active ? mask : 0u; m != 0; m &= m - 1) {
-        const int j = __ffs(m) - 1;
-        cand_score[offset] = __fadd_rn(selection_score(to_float(chunk[j]), cfg.softmax, row_max, row_total), bias_chunk[j]);
-        cand_expert[offset] = first + j;
-        ++offset;
+      const int padded = (listed + 3) & ~3;
+      if (active) {
+        int offset = inclusive - count;
+#pragma unroll
+        for (int j = 0; j < C; ++j) {
+          if ((mask >> j) & 1u) {
+            cand_score[offset] = v[j];
+            cand_expert[offset] = first + j;
+            ++offset;
+          }
+        }
       }
+      if (l < padded - listed) cand_score[listed + l] = -INFINITY;
       __syncwarp();
-      // Buffer order is expert order, so "lower index" is "earlier in the buffer".
+      // Rank of each candidate: the candidates above it, and the equal ones before it in the list
+      // (the list is in expert order, so "before" is "lower index"). Ties are rare: counted
+      // apart, they cost a second pass only when they happen.
+      const float4* quads = reinterpret_cast<const float4*>(cand_score);
       for (int i = l; i < listed; i += L) {
         const float mine = cand_score[i];
-        int rank = 0;
-        for (int q = 0; q < listed; ++q) {
-          const float other = cand_score[q];
-          rank += other > mine || (other == mine && q < i);
+        int greater = 0, at_least = 0;
+        for (int q = 0; q < padded / 4; ++q) {
+          const float4 s = quads[q];
+          greater += (s.x > mine) + (s.y > mine) + (s.z > mine) + (s.w > mine);
+          at_least += (s.x >= mine) + (s.y >= mine) + (s.z >= mine) + (s.w >= mine);
+        }
+        int rank = greater;
+        if (at_least != greater + 1) {
+          rank = 0;
+          for (int q = 0; q < i; ++q) rank += cand_score[q] >= mine;
+          for (int q = i + 1; q < listed; ++q) rank += cand_score[q] > mine;
         }
         if (rank < k) slots[rank] = cand_expert[i];
       }
