@@ -35,8 +35,9 @@ SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def gate_with(kernel: str):
-    """Ours with MOE_FUSION_GATE_KERNEL=kernel: "auto" (the segmented CUDA kernel where it
-    applies) or "warp" (one warp per token, the kernel before the segmented one)."""
+    """Ours with MOE_FUSION_GATE_KERNEL=kernel: "auto" (the default: the segmented CUDA kernel
+    from 8192 tokens where it applies, else the warp kernel), "warp" (one warp per token) or
+    "segmented" (8-32 lanes per token at every size)."""
 
     def gate(logits, bias, groups, topk_group, topk):
         os.environ["MOE_FUSION_GATE_KERNEL"] = kernel
@@ -51,6 +52,7 @@ def gate_with(kernel: str):
 
 fused = gate_with("auto")
 warp_kernel = gate_with("warp")
+segmented_kernel = gate_with("segmented")
 
 
 def unfused(logits, bias, groups, topk_group, topk):
@@ -123,9 +125,9 @@ def bench_cuda(tokens_list, config_names) -> None:
     print(f"card: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes / 2**20:.0f} MiB, "
           f"torch {torch.__version__}, measured copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     header = (f"{'config':<12} {'dtype':<5} {'T':>7} {'ours us':>9} {'floor us':>9} {'ours/floor':>10} "
-              f"{'GB/s':>6} {'warp us':>8} {'eager us':>9} {'eager/ours':>10} {'compile us':>10} {'compile/ours':>12}")
+              f"{'GB/s':>6} {'warp us':>8} {'segm. us':>8} {'eager us':>9} {'eager/ours':>10} {'compile us':>10} "
+              f"{'compile/ours':>12}")
     print(header)
-    rows = [header]
     for name in config_names:
         num_experts, groups, topk_group, topk = CONFIGS[name]
         bias = torch.randn(num_experts, device="cuda") * 0.3
@@ -143,13 +145,13 @@ def bench_cuda(tokens_list, config_names) -> None:
                            for _ in range(count)]
                 ours = time_in_graph_us(lambda x: fused(x, bias, groups, topk_group, topk), buffers)
                 warp = time_in_graph_us(lambda x: warp_kernel(x, bias, groups, topk_group, topk), buffers)
+                segmented = time_in_graph_us(lambda x: segmented_kernel(x, bias, groups, topk_group, topk), buffers)
                 eager = time_in_graph_us(lambda x: unfused(x, bias, groups, topk_group, topk), buffers[:8])
                 comp = time_in_graph_us(lambda x: compiled(x, bias, groups, topk_group, topk), buffers[:8])
                 floor = moved / (bandwidth * 1e3)
-                row = (f"{name:<12} {SHORT_DTYPE[dtype]:<5} {tokens:>7} {ours:>9.2f} {floor:>9.2f} {ours / floor:>10.2f} "
-                       f"{moved / ours / 1e3:>6.0f} {warp:>8.2f} {eager:>9.1f} {eager / ours:>10.1f} {comp:>10.1f} {comp / ours:>12.1f}")
-                print(row, flush=True)
-                rows.append(row)
+                print(f"{name:<12} {SHORT_DTYPE[dtype]:<5} {tokens:>7} {ours:>9.2f} {floor:>9.2f} "
+                      f"{ours / floor:>10.2f} {moved / ours / 1e3:>6.0f} {warp:>8.2f} {segmented:>8.2f} {eager:>9.1f} {eager / ours:>10.1f} "
+                      f"{comp:>10.1f} {comp / ours:>12.1f}", flush=True)
                 del buffers
 
 

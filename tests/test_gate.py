@@ -89,6 +89,25 @@ def test_both_cuda_kernels_on_real_configurations(monkeypatch, kernel, name, dty
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("name", ["deepseek_v3", "kimi_k2", "deepseek_v2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [8191, 8192, 20001])
+def test_default_kernel_choice_on_both_sides_of_its_threshold(monkeypatch, name, dtype, tokens):
+    """Unset, MOE_FUSION_GATE_KERNEL picks the warp kernel below 8192 tokens and the segmented one
+    from there where it applies (DeepSeek-V2 stays on the warp kernel)."""
+    c = REAL_CONFIGS[name]
+    monkeypatch.delenv("MOE_FUSION_GATE_KERNEL", raising=False)
+    gen = torch.Generator().manual_seed(tokens)
+    logits = random_logits((tokens, c["E"]), dtype, "cuda", gen)
+    bias = random_bias(c["E"], torch.float32, "cuda", gen) if c["bias"] else None
+    options = dict(scoring_func=c["scoring_func"], group_score_topk=c["m"], routed_scaling_factor=c["rsf"],
+                   renormalize=c["renorm"], renormalize_eps=1e-20, num_fused_shared_experts=1)
+    weights, ids = call_poisoned(logits, bias, c["G"], c["tg"], c["k"], **options)
+    check_gate_result(weights, ids, logits, bias, c["G"], c["tg"], c["k"], **options)
+
+
+@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("kernel", ["warp", "segmented"])
 @settings(max_examples=200)
 @given(case=gate_cases())
