@@ -15,12 +15,18 @@ with one rule per ATen op that checks every argument. Four public implementation
   expert, the tokens' rows by ``gather`` with the sorted token index expanded over the hidden size,
   ``_grouped_mm`` with separate w1, w3, w2, weight, ``scatter_add`` at the tokens' rows onto zeros or
   onto the shared expert's output (``base``): the rewrite then gives ``fused_experts(..) + base``,
-  which the shared-expert rewrite folds;
+  which the shared-expert rewrite folds; newer torchtitan takes the rows as ``x[perm // k]`` and
+  combines with its custom op ``torchtitan::deterministic_scatter_add`` (a scatter_add);
 - torchtitan main's (torchtitan/models/common/moe/moe.py): the same up to the experts, with the rows
   taken as ``x[perm // k]``; the outputs are un-sorted into zeros (``out[perm] = rows``), viewed
   ``[T, K, H]``, and weighted and summed over the picks by ``bmm(weights [T, 1, K], outputs [T, K, H]
   in float32)`` (fused_experts accumulates in float32 too); the shared expert's output is added to
-  that (``shared + routed``), which the shared-expert rewrite folds.
+  that (``shared + routed``), which the shared-expert rewrite folds. Without expert parallelism its
+  experts run inside ``indices_padding_wrapper`` (torchtitan/models/common/moe/utils.py), which moves
+  the rows from rank-major to expert-major order and back by an index built from the counts
+  (``cumsum``, ``searchsorted``, a shift per group, ``index_put`` into an empty tensor); with one rank
+  every shift is ``(cumsum(c) - c) - (cumsum(c) - c) = 0`` and the index is ``arange(rows)``, which
+  the rules prove from the graph and read as an identity.
 
 torchtitan's ``score_before_experts=True`` weights the expert *inputs*; for nonlinear experts that is
 another function, so it is refused with that reason.
@@ -173,13 +179,41 @@ class NoPairs:
 
 
 @dataclass(frozen=True)
-class Counts:  # histc of the sorted ids over the experts
+class Counts:  # histc of the ids over the experts (as integers or exact floats), [E] or a view of it
     route: Route
 
 
 @dataclass(frozen=True)
-class Offsets:  # cumulative counts (int32): the groups of grouped_mm
+class Offsets:  # cumulative counts: the ends of the experts' groups of rows (grouped_mm's offs in int32)
     route: Route
+
+
+@dataclass(frozen=True)
+class GroupStarts:  # cumsum(counts) - counts: where each expert's group of sorted rows starts
+    route: Route
+
+
+@dataclass(frozen=True)
+class NoShift:  # starts - starts of the same counts: zeros (integer arithmetic is exact)
+    route: Route
+
+
+@dataclass(frozen=True)
+class GroupOfRow:
+    """searchsorted(group ends, arange(pairs)): the expert group of each sorted row, in [0, E) because
+    the counts add up to the pairs (every id lands in its own bin)."""
+
+    route: Route
+
+
+@dataclass(frozen=True)
+class RowIdentity:  # arange(pairs) (+ zeros): the index of a row permutation that moves no row
+    route: Route
+
+
+# Per-expert vectors: views that keep their elements in expert order keep the meaning; the rules
+# that consume them check that they are 1-D.
+_PER_EXPERT = (Counts, Offsets, GroupStarts, NoShift)
 
 
 @dataclass(frozen=True)
@@ -267,16 +301,46 @@ def _spread_over_picks(node: Any, topk: int) -> Node | None:
     return unsqueezed.args[0]
 
 
+def _arange_length(node: Any) -> Any:
+    """n (an int or a SymInt) when node is arange(n) (prims.iota from 0 by 1), else None."""
+    if not (isinstance(node, Node) and node.target == prims.iota.default and node.kwargs.get("start", 0) == 0
+            and node.kwargs.get("step", 1) == 1 and fake(node) is not None):
+        return None
+    return fake(node).shape[0]
+
+
 def _token_index(node: Any, topk: int) -> bool:
     """Whether node is the token of each (token, pick) pair: arange(T).unsqueeze(1).expand(-1, K).reshape(-1)."""
     tokens = _spread_over_picks(strip_views(node), topk)
-    return (isinstance(tokens, Node) and tokens.target == prims.iota.default and tokens.kwargs.get("start", 0) == 0
-            and tokens.kwargs.get("step", 1) == 1 and fake(tokens).dim() == 1)
+    return _arange_length(tokens) is not None and fake(tokens).dim() == 1
 
 
 def _zeros(node: Any) -> bool:
     return isinstance(node, Node) and (node.target == aten.zeros.default
                                        or node.target == aten.full.default and node.args[1] == 0)
+
+
+def _pairs(route: Route) -> Any:
+    """The number of (token, pick) pairs of a route: tokens times topk (possibly symbolic)."""
+    tokens = 1
+    for size in fake(route.gate.args[0]).shape[:-1]:
+        tokens = tokens * size
+    return tokens * route.topk
+
+
+def _one_dim(node: Any) -> bool:
+    return fake(node) is not None and fake(node).dim() == 1
+
+
+def _keeps_element_order(node: Node) -> bool:
+    """Whether a permute or a sum only moves or drops dims of size 1 (the elements keep their order)."""
+    shape = fake(node.args[0]).shape
+    if node.target == aten.permute.default:
+        moved = [d for d in node.args[1] if static_int(shape[d]) != 1]
+        return moved == sorted(moved)
+    dims = node.args[1] if len(node.args) > 1 else None
+    return dims is not None and all(static_int(shape[d]) == 1 for d in dims) \
+        and not kwarg_or_arg(node, 2, "keepdim", False) and node.kwargs.get("dtype") is None
 
 
 def _rows_per_pick(node: Any, topk: int) -> Node | None:
@@ -315,6 +379,8 @@ class ExpertsAnalysis:
         if node.target in self.grouped_mm:
             return self.grouped_mm_rule(node)
         handler = _HANDLERS.get(node.target)
+        if handler is None and isinstance(node.target, torch._ops.OpOverload):
+            handler = _HANDLERS_BY_NAME.get(node.target.name())
         return handler(self, node) if handler is not None else None
 
     def _gate_output(self, node: Node):
@@ -339,6 +405,8 @@ class ExpertsAnalysis:
             return replace(m, per_pick=True)
         if isinstance(m, Routed) and same_size(out.shape[-1], source.shape[-1]):
             return m  # token reshape
+        if isinstance(m, _PER_EXPERT):
+            return m  # a reshape keeps the elements' order
         column = source.dim() == 1 and out.dim() == 2 and static_int(out.shape[1]) == 1
         if isinstance(m, SortedTokens) and m.width is None and column:
             return replace(m, width=1)
@@ -364,6 +432,8 @@ class ExpertsAnalysis:
             return m  # the weights in another dtype
         if isinstance(m, (Ids, SortedIds)) and dtype in (torch.float32, torch.int32):
             return m  # exact for expert ids (histc takes float on the CPU, int on CUDA)
+        if isinstance(m, Counts) and dtype in (torch.int32, torch.int64):
+            return m  # float counts are whole numbers (histc counts exactly up to 2**24)
         # Eager runs silu on 16-bit tensors in float32 and rounds the result back.
         if isinstance(m, Proj) and not m.upcast and not m.column and dtype == torch.float32 and source != dtype:
             return replace(m, upcast=True)
@@ -418,6 +488,11 @@ class ExpertsAnalysis:
         if len(indices) != 1 or not isinstance(indices[0], Node):
             return None
         by, m = self.of(indices[0]), self.of(source)
+        if isinstance(by, GroupOfRow) and isinstance(m, NoShift) and _one_dim(source) and m.route == by.route:
+            return m  # each row's group's shift: zero
+        if isinstance(by, RowIdentity) and isinstance(m, SortedRows) and m.route == by.route \
+                and same_size(fake(source).shape[0], _pairs(by.route)):
+            return m  # rows[arange(rows)]
         if isinstance(by, SortedTokens) and by.width is None and m is None and fake(source) is not None \
                 and fake(source).dim() == 2:
             return SortedRows(by.route, source)
@@ -493,8 +568,48 @@ class ExpertsAnalysis:
 
     def cumsum(self, node: Node):
         m = self.of(node.args[0])
-        if isinstance(m, Counts) and node.args[1] in (0, -1) and fake(node).dtype == torch.int32:
+        if isinstance(m, Counts) and _one_dim(node.args[0]) and node.args[1] in (0, -1) \
+                and fake(node).dtype in (torch.int32, torch.int64):
             return Offsets(m.route)
+        return None
+
+    def permute_or_sum(self, node: Node):
+        m = self.of(node.args[0])
+        if isinstance(m, _PER_EXPERT) and _keeps_element_order(node):
+            return m
+        return self.sum(node) if node.target == aten.sum.dim_IntList else None
+
+    def sub(self, node: Node):
+        """cumsum(counts) - counts: the groups' starts; starts - starts (of the same counts): zeros."""
+        (a, b), (ma, mb) = node.args[:2], (self.of(node.args[0]), self.of(node.args[1]))
+        if kwarg_or_arg(node, 2, "alpha", 1) != 1 or not (_one_dim(a) and _one_dim(b)) \
+                or getattr(ma, "route", None) != getattr(mb, "route", None):
+            return None
+        if isinstance(ma, Offsets) and isinstance(mb, Counts):
+            return GroupStarts(ma.route)
+        if isinstance(ma, GroupStarts) and isinstance(mb, GroupStarts):
+            return NoShift(ma.route)
+        return None
+
+    def add(self, node: Node):
+        """starts + counts: the groups' ends; arange(pairs) + zeros: the identity row index."""
+        (a, b), (ma, mb) = node.args[:2], (self.of(node.args[0]), self.of(node.args[1]))
+        if kwarg_or_arg(node, 2, "alpha", 1) != 1 or not (_one_dim(a) and _one_dim(b)):
+            return None
+        for x, y, mx, my in ((a, b, ma, mb), (b, a, mb, ma)):
+            if isinstance(mx, GroupStarts) and isinstance(my, Counts) and mx.route == my.route:
+                return Offsets(mx.route)
+            if isinstance(my, NoShift) and mx is None and _arange_length(x) is not None \
+                    and same_size(_arange_length(x), _pairs(my.route)) and same_shape(fake(y).shape, fake(x).shape):
+                return RowIdentity(my.route)
+        return None
+
+    def searchsorted(self, node: Node):
+        ends, rows = node.args[:2]
+        m = self.of(ends)
+        if isinstance(m, Offsets) and _one_dim(ends) and node.kwargs.get("sorter") is None \
+                and _arange_length(rows) is not None and same_size(_arange_length(rows), _pairs(m.route)):
+            return GroupOfRow(m.route)
         return None
 
     def index_put(self, node: Node):
@@ -502,18 +617,20 @@ class ExpertsAnalysis:
         accumulate = kwarg_or_arg(node, 3, "accumulate", False)
         if accumulate and len(indices) == 1:  # index_add_ into zeros, as Inductor decomposes it
             return self._accumulate_by_token(base, indices[0], values)
-        if len(indices) != 1 or not isinstance(self.of(indices[0]), Perm):
+        if len(indices) != 1:
             return None
-        route = self.of(indices[0]).route
-        m = self.of(values)
-        if isinstance(m, ExpertOut) and m.space == "sorted" and m.inter.route == route \
+        by, m = self.of(indices[0]), self.of(values)
+        if isinstance(by, RowIdentity) and isinstance(m, ExpertOut) and m.space == "sorted" \
+                and m.inter.route == by.route and same_shape(fake(base).shape, fake(values).shape) \
+                and same_size(fake(values).shape[0], _pairs(by.route)):
+            return m  # out[arange(rows)] = rows writes every row where it was
+        if not isinstance(by, Perm):
+            return None
+        if isinstance(m, ExpertOut) and m.space == "sorted" and m.inter.route == by.route \
                 and fake(base).shape == fake(values).shape:
             return replace(m, space="pair")  # out[perm] = sorted rows: a permutation writes every row
-        pairs = fake(base).shape[0]
-        if not (isinstance(values, Node) and values.target == prims.iota.default and values.kwargs.get("start", 0) == 0
-                and values.kwargs.get("step", 1) == 1 and same_size(fake(values).shape[0], pairs)):
-            return None
-        return InversePerm(route)
+        length = _arange_length(values)
+        return InversePerm(by.route) if length is not None and same_size(length, fake(base).shape[0]) else None
 
     def grouped_mm_rule(self, node: Node):
         rows, right = node.args[:2]
@@ -521,7 +638,7 @@ class ExpertsAnalysis:
         if kwarg_or_arg(node, 3, "bias", None) is not None or kwarg_or_arg(node, 4, "out_dtype", None) is not None:
             return None
         m, groups = self.of(rows), self.of(offsets)
-        if not isinstance(groups, Offsets):
+        if not (isinstance(groups, Offsets) and _one_dim(offsets) and fake(offsets).dtype == torch.int32):
             return None
         route = groups.route
         weight = _permuted_weight(right, route)
@@ -656,9 +773,17 @@ class ExpertsAnalysis:
         return Routed(m)
 
     def scatter_add(self, node: Node):
+        return self._scatter_rows(*node.args[:4])
+
+    def deterministic_scatter_add(self, node: Node):
+        """torchtitan's combine op (torchtitan/ops/scatter_add.py): out.scatter_add(0, index, src) with
+        deterministic algorithms on, opaque to tracing."""
+        base, index, source = node.args[:3]
+        return self._scatter_rows(base, 0, index, source)
+
+    def _scatter_rows(self, base: Any, dim: Any, index: Any, source: Any):
         """base.scatter_add(0, token of each sorted row along the row, weighted sorted rows): the sum
         over the picks added onto base (zeros, or e.g. the shared expert's output)."""
-        base, dim, index, source = node.args[:4]
         by, m = self.of(index), self.of(source)
         if not (dim == 0 and isinstance(by, SortedTokens) and by.width is not None and isinstance(m, ExpertOut)
                 and m.space == "sorted" and m.weights is not None and not m.column and m.inter.route == by.route
@@ -708,10 +833,19 @@ _HANDLERS = {
     aten.silu.default: ExpertsAnalysis.activation,
     aten.div.Tensor: ExpertsAnalysis.div,
     aten.mul.Tensor: ExpertsAnalysis.mul,
-    aten.sum.dim_IntList: ExpertsAnalysis.sum,
+    aten.sum.dim_IntList: ExpertsAnalysis.permute_or_sum,
+    aten.permute.default: ExpertsAnalysis.permute_or_sum,
+    aten.sub.Tensor: ExpertsAnalysis.sub,
+    aten.add.Tensor: ExpertsAnalysis.add,
+    aten.searchsorted.Tensor: ExpertsAnalysis.searchsorted,
     prims.convert_element_type.default: ExpertsAnalysis.convert,
     **{op: ExpertsAnalysis.reshape for op in RESHAPES},
     **{op: ExpertsAnalysis.identity for op in IDENTITIES},
+}
+
+# Other libraries' ops, by name: they exist only where those libraries are imported.
+_HANDLERS_BY_NAME = {
+    "torchtitan::deterministic_scatter_add": ExpertsAnalysis.deterministic_scatter_add,
 }
 
 

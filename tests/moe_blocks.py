@@ -1,5 +1,5 @@
 """MoE blocks for the rewrite and training tests: a hand-written DeepSeek-style block with
-variations, and torchtitan's two formulations, re-expressed."""
+variations, and torchtitan's formulations, re-expressed."""
 
 from __future__ import annotations
 
@@ -155,10 +155,20 @@ class TorchtitanMainStyleBlock(TorchtitanStyleBlock):
     expert's output plus that. `combine`: "reshape" (torchtitan's [T, 1, K]), "unsqueeze" (the same
     row spelled weights.unsqueeze(1)), or "unweighted_sum", a look-alike that sums the outputs
     unweighted (as score_before_experts=True does after weighting the inputs) and returns each
-    token's largest weight next to the output (say, for logging). histc gets float ids, as above."""
+    token's largest weight next to the output (say, for logging). histc gets float ids, as above.
 
-    def __init__(self, shared_experts: int = 1, score_before_experts: bool = False, combine: str = "reshape"):
+    `permutation`: "one_rank" runs the experts as torchtitan main runs them without expert
+    parallelism, through `indices_padding_wrapper` (torchtitan/models/common/moe/utils.py): the rows
+    go from rank-major to expert-major order by an index computed from the counts with cumsum,
+    searchsorted and a per-group shift, and back by an index_put into an empty tensor; with one rank
+    that index is arange(rows). "reversed_groups" is a look-alike that puts the groups in reverse
+    expert order, so the shifts are not zero and rows meet other experts. The counts are int64 there
+    (CUDA's histc keeps the ids' dtype)."""
+
+    def __init__(self, shared_experts: int = 1, score_before_experts: bool = False, combine: str = "reshape",
+                 permutation: str | None = None):
         super().__init__(shared_experts, score_before_experts)
+        self.permutation = permutation
         cfg = self.cfg
         self.router = TorchtitanMainRouter(
             seed=0, dtype=torch.bfloat16, num_experts=cfg.num_experts, hidden_size=cfg.hidden_size,
@@ -166,6 +176,26 @@ class TorchtitanMainStyleBlock(TorchtitanStyleBlock):
             num_limited_groups=cfg.topk_group, score_func="sigmoid", route_norm=True,
             route_scale=cfg.routed_scaling_factor)
         self.combine = combine
+
+    def permuted_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        experts = self.w1.shape[0]
+        ranks = counts.shape[0] // experts
+        with torch.no_grad():
+            group_starts = counts.cumsum(0) - counts  # where each (rank, expert) group starts, rank-major
+            by_rank = counts.view(ranks, experts)
+            expert_counts = by_rank.sum(0)
+            lengths = by_rank.t().reshape(-1)  # the groups in expert-major order
+            starts = group_starts.view(ranks, experts).t().reshape(-1)  # where they start, expert-major
+            if self.permutation == "reversed_groups":
+                lengths, starts = lengths.flip(0), starts.flip(0)
+            new_starts = lengths.cumsum(0) - lengths
+            row = torch.arange(rows.shape[0], device=rows.device)
+            group = torch.searchsorted(new_starts + lengths, row, right=True)
+            source_rows = row + (starts - new_starts)[group]
+        out = self.grouped_experts(rows[source_rows, :], expert_counts)
+        unpermuted = out.new_empty(rows.shape)
+        unpermuted[source_rows, :] = out
+        return unpermuted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
@@ -181,7 +211,8 @@ class TorchtitanMainStyleBlock(TorchtitanStyleBlock):
         rows = x[pair_order // topk]
         if self.score_before_experts:
             rows = (rows.to(torch.float32) * sorted_scores.reshape(-1, 1)).to(x.dtype)
-        expert_rows = self.grouped_experts(rows, counts)
+        expert_rows = self.permuted_experts(rows, counts.long()) if self.permutation is not None \
+            else self.grouped_experts(rows, counts)
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         per_pick = torch.zeros((batch * seq * topk, hidden), dtype=expert_rows.dtype, device=expert_rows.device)
         per_pick[pair_order] = expert_rows
@@ -193,3 +224,50 @@ class TorchtitanMainStyleBlock(TorchtitanStyleBlock):
             routed = torch.bmm(row, per_pick.float()).to(x.dtype).squeeze(1)
         out = (routed if shared is None else shared + routed).reshape(batch, seq, hidden)
         return (out, scores.amax(dim=-1)) if self.combine == "unweighted_sum" else out
+
+
+def _deterministic_scatter_add_op():
+    """torchtitan's combine op (torchtitan/ops/scatter_add.py): out.scatter_add(0, index, src) under
+    deterministic algorithms, as an opaque custom op. The real one where torchtitan is imported, else
+    a stand-in with its name, schema and gradients."""
+    if not hasattr(torch.ops.torchtitan, "deterministic_scatter_add"):
+        @torch.library.custom_op("torchtitan::deterministic_scatter_add", mutates_args=())
+        def deterministic_scatter_add(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+            return out.scatter_add(0, index, src)
+
+        deterministic_scatter_add.register_fake(lambda out, index, src: torch.empty_like(out))
+
+        def backward(ctx, grad):
+            return grad, None, torch.gather(grad, 0, ctx.saved_tensors[0])
+
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[1])
+
+        deterministic_scatter_add.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.torchtitan.deterministic_scatter_add
+
+
+deterministic_scatter_add = _deterministic_scatter_add_op()  # at import: Dynamo would break on the definition
+
+
+class TorchtitanDispatcherStyleBlock(TorchtitanStyleBlock):
+    """The MoE layer of newer torchtitan (LocalTokenDispatcher in torchtitan/models/common/
+    token_dispatcher.py), re-expressed: a stable argsort of the ids, the sorted scores, the rows
+    x[perm // k], the grouped_mm experts, the outputs weighted in float32, summed into zeros by
+    torchtitan's deterministic_scatter_add op; the shared expert's output plus that."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        x = x.view(-1, hidden)
+        scores, ids = self.router(x)
+        topk = ids.shape[1]
+        counts = torch.histc(ids.view(-1).float(), bins=self.cfg.num_experts, min=0, max=self.histc_max)
+        pair_order = torch.argsort(ids.view(-1), stable=True)
+        sorted_scores = scores.view(-1)[pair_order]
+        row_tokens = pair_order // topk
+        expert_rows = self.grouped_experts(x[row_tokens], counts)
+        expert_rows = (expert_rows.to(torch.float32) * sorted_scores.reshape(-1, 1)).to(expert_rows.dtype)
+        index = row_tokens.reshape(-1, 1).expand(-1, hidden)
+        routed = deterministic_scatter_add(torch.zeros_like(x), index, expert_rows)
+        out = routed if self.shared_experts is None else self.shared_experts(x) + routed
+        return out.reshape(batch, seq, hidden)

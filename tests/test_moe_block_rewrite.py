@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from compile_checks import compile_with_report, fused_op_calls, internal_errors, normalized_ops
 from conftest import DEVICES
-from moe_blocks import HandWrittenBlock, TorchtitanMainStyleBlock, TorchtitanStyleBlock
+from moe_blocks import (HandWrittenBlock, TorchtitanDispatcherStyleBlock, TorchtitanMainStyleBlock,
+                        TorchtitanStyleBlock)
 
 from fusion_passes.example_model import ExampleConfig
 
@@ -186,9 +187,13 @@ def test_torchtitan_scores_before_experts_are_refused():
         _compare(outputs, block(x), torch.bfloat16)
 
 
-@pytest.mark.parametrize("shared_experts, combine", [(2, "reshape"), (0, "reshape"), (1, "unsqueeze")])
-def test_torchtitan_main_block_becomes_one_gate_and_one_fused_experts(shared_experts, combine):
-    block = TorchtitanMainStyleBlock(shared_experts, combine=combine).eval()
+@pytest.mark.parametrize("shared_experts, combine, permutation", [
+    (2, "reshape", None), (0, "reshape", None), (1, "unsqueeze", None), (1, "reshape", "one_rank"),
+    (0, "reshape", "one_rank")])
+def test_torchtitan_main_block_becomes_one_gate_and_one_fused_experts(shared_experts, combine, permutation):
+    """permutation="one_rank": the experts inside torchtitan's indices_padding_wrapper, whose row
+    index the pass proves to be arange(rows)."""
+    block = TorchtitanMainStyleBlock(shared_experts, combine=combine, permutation=permutation).eval()
     x = _torchtitan_input(block)
     _, outputs, report = _compile_to_one_gate_and_experts(block, x, shared_rewrites=int(shared_experts > 0))
     assert not report.refusals, [r.reason for r in report.refusals]
@@ -200,12 +205,27 @@ def test_torchtitan_main_block_becomes_one_gate_and_one_fused_experts(shared_exp
         _compare(outputs, block(x), torch.bfloat16)
 
 
-@pytest.mark.parametrize("score_before_experts, combine, reason", [
-    (True, "reshape", "score_before_experts=True"),
-    (False, "unweighted_sum", "were not recognized"),
-], ids=["scores_before_experts", "unweighted_sum"])
-def test_torchtitan_main_blocks_that_are_not_the_weighted_sum_are_left_alone(score_before_experts, combine, reason):
-    block = TorchtitanMainStyleBlock(score_before_experts=score_before_experts, combine=combine).eval()
+@pytest.mark.parametrize("shared_experts", [0, 1, 2])
+def test_torchtitan_dispatcher_block_with_its_scatter_add_op_becomes_one_gate_and_one_fused_experts(shared_experts):
+    block = TorchtitanDispatcherStyleBlock(shared_experts).eval()
+    x = _torchtitan_input(block)
+    _, outputs, report = _compile_to_one_gate_and_experts(block, x, shared_rewrites=int(shared_experts > 0))
+    assert not report.refusals, [r.reason for r in report.refusals]
+    with torch.no_grad():
+        _compare(outputs, block(x), torch.bfloat16)
+
+
+@pytest.mark.parametrize("score_before_experts, combine, permutation, reason", [
+    (True, "reshape", None, "score_before_experts=True"),
+    (True, "reshape", "one_rank", "score_before_experts=True"),
+    (False, "unweighted_sum", None, "were not recognized"),
+    (False, "reshape", "reversed_groups", "were not recognized"),
+], ids=["scores_before_experts", "scores_before_permuted_experts", "unweighted_sum", "reversed_groups"])
+def test_torchtitan_main_blocks_that_are_not_the_weighted_sum_are_left_alone(score_before_experts, combine,
+                                                                              permutation, reason):
+    """Including a row permutation that is not the identity: its rows meet other experts."""
+    block = TorchtitanMainStyleBlock(score_before_experts=score_before_experts, combine=combine,
+                                     permutation=permutation).eval()
     x = _torchtitan_input(block)
     compiled, outputs, report = compile_with_report(block, x)
     assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 0, 0]
@@ -431,6 +451,20 @@ def test_dynamic_token_count():
         x = torch.randn(*shape, block.cfg.hidden_size)
         with torch.no_grad():
             _compare(compiled(x), block(x), torch.float32)
+
+
+def test_torchtitan_expert_major_permutation_with_a_dynamic_token_count():
+    """The identity row index of torchtitan's indices_padding_wrapper is arange of a symbolic length."""
+    block = TorchtitanMainStyleBlock(permutation="one_rank").eval()
+    x = _torchtitan_input(block)
+    compiled, outputs, report = compile_with_report(block, x, dynamic=True)
+    assert [report.count(n) for n in ("routing", "experts", "shared_experts")] == [1, 1, 1], \
+        [r.reason for r in report.refusals]
+    with torch.no_grad():
+        _compare(outputs, block(x), torch.bfloat16)
+        x = torch.randn(3, 7, block.cfg.hidden_size).to(torch.bfloat16)
+        assert fused_op_calls(compiled, x) == {GATE: 1, EXPERTS: 1}
+        _compare(compiled(x), block(x), torch.bfloat16)
 
 
 @pytest.mark.parametrize("variant", ["plain", "gated_shared"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 from compile_checks import fused_op_calls, internal_errors, no_compile_caches
 from conftest import DEVICES
-from moe_blocks import HandWrittenBlock, TorchtitanMainStyleBlock, TorchtitanStyleBlock
+from moe_blocks import (HandWrittenBlock, TorchtitanDispatcherStyleBlock, TorchtitanMainStyleBlock,
+                        TorchtitanStyleBlock)
 
 import fusion_passes
 from fusion_passes.report import collector
@@ -291,9 +292,12 @@ def test_bf16_training_step_is_as_close_to_eager_as_default_compile():
     assert fused_error <= max(2 * default_error, 1e-3), (fused_error, default_error)
 
 
-@pytest.mark.parametrize("block_class", [TorchtitanStyleBlock, TorchtitanMainStyleBlock])
-def test_torchtitan_style_bf16_block_trains_as_close_to_eager_as_default_compile(block_class):
-    block = block_class(shared_experts=2).train()
+@pytest.mark.parametrize("block_class, options", [
+    (TorchtitanStyleBlock, {}), (TorchtitanMainStyleBlock, {}),
+    (TorchtitanMainStyleBlock, {"permutation": "one_rank"}), (TorchtitanDispatcherStyleBlock, {})],
+    ids=["torchtitan", "main", "main_permuted", "dispatcher"])
+def test_torchtitan_style_bf16_block_trains_as_close_to_eager_as_default_compile(block_class, options):
+    block = block_class(shared_experts=2, **options).train()
     x = torch.randn(2, 5, block.cfg.hidden_size, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
 
     def gradients(module):
