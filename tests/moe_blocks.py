@@ -125,16 +125,21 @@ class TorchtitanStyleBlock(nn.Module):
         hidden = hidden * torch._grouped_mm(rows.bfloat16(), self.w3.bfloat16().transpose(-2, -1), offs=offsets)
         return torch._grouped_mm(hidden, self.w2.bfloat16().transpose(-2, -1), offs=offsets).type_as(rows)
 
+    def sorted_pairs(self, x: torch.Tensor):
+        """The router's scores and ids, the counts per expert (histc), the pairs' stable order by
+        expert and their scores in that order."""
+        scores, ids = self.router(x)
+        counts = torch.histc(ids.view(-1).float(), bins=self.cfg.num_experts, min=0, max=self.histc_max)
+        pair_order = torch.argsort(ids.view(-1), stable=True)
+        return scores, ids, counts, pair_order, scores.view(-1)[pair_order]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
         x = x.view(-1, hidden)
-        scores, ids = self.router(x)
+        scores, ids, counts, pair_order, sorted_scores = self.sorted_pairs(x)
         topk = ids.shape[1]
-        counts = torch.histc(ids.view(-1).float(), bins=self.cfg.num_experts, min=0, max=self.histc_max)
         with torch.no_grad():
             self.tokens_per_expert.add_(counts)
-        pair_order = torch.argsort(ids.view(-1), stable=True)
-        sorted_scores = scores.view(-1)[pair_order]
         row_tokens = (pair_order // topk).reshape(-1, 1).expand(-1, hidden)
         rows = torch.gather(x, dim=0, index=row_tokens)
         if self.score_before_experts:
@@ -259,12 +264,8 @@ class TorchtitanDispatcherStyleBlock(TorchtitanStyleBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
         x = x.view(-1, hidden)
-        scores, ids = self.router(x)
-        topk = ids.shape[1]
-        counts = torch.histc(ids.view(-1).float(), bins=self.cfg.num_experts, min=0, max=self.histc_max)
-        pair_order = torch.argsort(ids.view(-1), stable=True)
-        sorted_scores = scores.view(-1)[pair_order]
-        row_tokens = pair_order // topk
+        _, ids, counts, pair_order, sorted_scores = self.sorted_pairs(x)
+        row_tokens = pair_order // ids.shape[1]
         expert_rows = self.grouped_experts(x[row_tokens], counts)
         expert_rows = (expert_rows.to(torch.float32) * sorted_scores.reshape(-1, 1)).to(expert_rows.dtype)
         index = row_tokens.reshape(-1, 1).expand(-1, hidden)

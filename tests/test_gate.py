@@ -50,19 +50,25 @@ REAL_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 7, 515])
-def test_real_configurations(device, name, dtype, tokens):
+def check_real_configuration(name, dtype, tokens, device, seed):
+    """The gate on random logits of a real configuration (one fused shared column), poisoned outputs,
+    against the reference."""
     c = REAL_CONFIGS[name]
-    gen = torch.Generator().manual_seed(tokens)
+    gen = torch.Generator().manual_seed(seed)
     logits = random_logits((tokens, c["E"]), dtype, device, gen)
     bias = random_bias(c["E"], torch.float32, device, gen) if c["bias"] else None
     options = dict(scoring_func=c["scoring_func"], group_score_topk=c["m"], routed_scaling_factor=c["rsf"],
                    renormalize=c["renorm"], renormalize_eps=1e-20, num_fused_shared_experts=1)
     weights, ids = call_poisoned(logits, bias, c["G"], c["tg"], c["k"], **options)
     check_gate_result(weights, ids, logits, bias, c["G"], c["tg"], c["k"], **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 7, 515])
+def test_real_configurations(device, name, dtype, tokens):
+    check_real_configuration(name, dtype, tokens, device, seed=tokens)
 
 
 @requires_cuda
@@ -74,17 +80,10 @@ def test_real_configurations(device, name, dtype, tokens):
 def test_both_cuda_kernels_on_real_configurations(monkeypatch, kernel, name, dtype, tokens):
     """Each CUDA kernel forced in turn (MOE_FUSION_GATE_KERNEL); 515 and 2500 tokens take the
     segmented kernel's two lane layouts. DeepSeek-V2's groups of 20 fit no segmented layout."""
-    c = REAL_CONFIGS[name]
     if kernel == "segmented" and name == "deepseek_v2":
         pytest.skip("groups of 20 experts: the warp kernel's configuration")
     monkeypatch.setenv("MOE_FUSION_GATE_KERNEL", kernel)
-    gen = torch.Generator().manual_seed(tokens + 1)
-    logits = random_logits((tokens, c["E"]), dtype, "cuda", gen)
-    bias = random_bias(c["E"], torch.float32, "cuda", gen) if c["bias"] else None
-    options = dict(scoring_func=c["scoring_func"], group_score_topk=c["m"], routed_scaling_factor=c["rsf"],
-                   renormalize=c["renorm"], renormalize_eps=1e-20, num_fused_shared_experts=1)
-    weights, ids = call_poisoned(logits, bias, c["G"], c["tg"], c["k"], **options)
-    check_gate_result(weights, ids, logits, bias, c["G"], c["tg"], c["k"], **options)
+    check_real_configuration(name, dtype, tokens, "cuda", seed=tokens + 1)
 
 
 @requires_cuda
@@ -95,15 +94,8 @@ def test_both_cuda_kernels_on_real_configurations(monkeypatch, kernel, name, dty
 def test_default_kernel_choice_on_both_sides_of_its_threshold(monkeypatch, name, dtype, tokens):
     """Unset, MOE_FUSION_GATE_KERNEL picks the warp kernel below 8192 tokens and the segmented one
     from there where it applies (DeepSeek-V2 stays on the warp kernel)."""
-    c = REAL_CONFIGS[name]
     monkeypatch.delenv("MOE_FUSION_GATE_KERNEL", raising=False)
-    gen = torch.Generator().manual_seed(tokens)
-    logits = random_logits((tokens, c["E"]), dtype, "cuda", gen)
-    bias = random_bias(c["E"], torch.float32, "cuda", gen) if c["bias"] else None
-    options = dict(scoring_func=c["scoring_func"], group_score_topk=c["m"], routed_scaling_factor=c["rsf"],
-                   renormalize=c["renorm"], renormalize_eps=1e-20, num_fused_shared_experts=1)
-    weights, ids = call_poisoned(logits, bias, c["G"], c["tg"], c["k"], **options)
-    check_gate_result(weights, ids, logits, bias, c["G"], c["tg"], c["k"], **options)
+    check_real_configuration(name, dtype, tokens, "cuda", seed=tokens)
 
 
 @requires_cuda
