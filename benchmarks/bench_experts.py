@@ -17,8 +17,7 @@ Every variant is checked against the float32 reference first; a mismatch stops t
 
     python benchmarks/bench_experts.py            # TP-8 and EP shapes, T = 1 .. 16384
     python benchmarks/bench_experts.py --quick    # a short sanity run
-    python benchmarks/bench_experts.py --tune     # search tiles around ops.triton_experts.forward_config
-    python benchmarks/bench_experts.py --tokens 1 64 --shapes tp8   # chosen sizes and shapes
+    python benchmarks/bench_experts.py --tune     # search tiles around ops.triton_experts.tile_config
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from triton.runtime.errors import OutOfResources
 
 import ops
 from ops.reference import fused_experts_reference
-from ops.triton_experts import TileConfig, forward_config, fused_experts_triton
+from ops.triton_experts import TileConfig, fused_experts_triton, tile_config
 
 # name: (H, I, E, K, S)
 SHAPES = {
@@ -199,8 +198,7 @@ def bench(shape_names, tokens_list) -> None:
 
 
 # Coordinate search: (field, sub-field or None, values), tried in this order on the best config so far.
-TUNED_FIELDS = [("block_m", None, (16, 32, 64, 128)), ("group_m", None, (1, 4, 8, 16)),
-                ("split_k", None, (1, 2, 4, 8))] + [
+TUNED_FIELDS = [("block_m", None, (16, 32, 64, 128)), ("group_m", None, (1, 4, 8, 16))] + [
     (gemm, key, values) for gemm in ("gate_up", "down") for key, values in (
         ("block_n", (16, 32, 64, 128, 256)), ("block_k", (32, 64, 128, 256)), ("num_warps", (4, 8)),
         ("num_stages", (2, 3, 4, 5)))]
@@ -214,7 +212,7 @@ def with_value(cfg: TileConfig, field: str, key: str | None, value: int) -> Tile
 
 def tune_one(name: str, w: Weights, tokens: int, generator) -> None:
     """Greedy coordinate search over the tiles of the fused call, one field at a time, starting from the
-    table's choice; prints the best configuration (to update the tables of ops.triton_experts by hand)."""
+    table's choice; prints the best configuration (to update tile_config by hand)."""
     hidden_size, inter, num_experts, topk, num_shared = SHAPES[name]
     gate, up, down = w.routed_views
     batches = [make_batch(tokens, hidden_size, num_experts, topk, num_shared, "cuda", generator) for _ in range(4)]
@@ -229,8 +227,7 @@ def tune_one(name: str, w: Weights, tokens: int, generator) -> None:
         except OutOfResources:  # shared memory of too many stages
             return math.inf
 
-    table = forward_config(tokens * (topk + num_shared), num_experts + num_shared, inter, hidden_size,
-                           batches[0].hidden, training=False)
+    table = tile_config(tokens * (topk + num_shared), num_experts + num_shared, torch.bfloat16)
     best, best_time = table, measure(table)
     table_time = best_time
     for field, key, values in TUNED_FIELDS:
@@ -262,12 +259,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"only T in {QUICK_TOKENS}")
     parser.add_argument("--tune", action="store_true", help="search tile configurations instead (minutes)")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--tokens", nargs="*", type=int, help=f"token counts (default {TOKENS})")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_experts needs a CUDA device")
-    tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
-    (tune if args.tune else bench)(args.shapes, tokens)
+    (tune if args.tune else bench)(args.shapes, QUICK_TOKENS if args.quick else TOKENS)
 
 
 if __name__ == "__main__":

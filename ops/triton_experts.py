@@ -10,8 +10,6 @@ whole op can be captured in a CUDA graph):
    the token rows of ``hidden``, multiplies by the gate and up tiles of the block's expert (routed
    weights, or the shared tensors at the slot's row offset) and writes ``silu(gate) * up``; for
    ``fused_experts_train`` also gate and up themselves, to the row of the pair (the backward's input).
-   At decode sizes with few active slots its K loop is split over several programs (gate_up_splits),
-   which write float32 partials that the down kernel sums and activates.
 3. ``_down_kernel``: grouped GEMM of that intermediate with the down projection, one program per
    (block, N tile of H); each output row goes to the row of its (token, slot) pair.
 4. ``_combine_kernel``: per token, the weighted sum over its K pairs in float32, in a fixed order.
@@ -57,7 +55,6 @@ class TileConfig(NamedTuple):
     group_m: int  # blocks that walk the N tiles together, for L2 reuse of the weight tiles
     gate_up: GemmTiles
     down: GemmTiles
-    split_k: int = 1  # parts of the gate/up GEMM's K (hidden) loop, each its own program (see gate_up_splits)
 
 
 # Chosen for H100/H200 by the average number of rows per active expert slot. Few rows (decode): the
@@ -80,38 +77,13 @@ _TILES_FP32 = (
 
 
 def tile_config(num_pairs: int, num_slots: int, dtype: torch.dtype) -> TileConfig:
-    """The launch configuration for ``num_pairs`` (token, slot) pairs over ``num_slots`` expert slots
-    (no K split: see gate_up_splits)."""
+    """The launch configuration for ``num_pairs`` (token, slot) pairs over ``num_slots`` expert slots."""
     rows_per_slot = num_pairs / max(1, min(num_slots, num_pairs))
     table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
     for max_rows, block_m, group_m, gate_up, down in table:
         if max_rows is None or rows_per_slot <= max_rows:
             return TileConfig(block_m, group_m, gate_up, down)
     raise AssertionError("unreachable: the last row of each table has no limit")
-
-
-_MAX_SPLIT_K = 8
-_MIN_SPLIT_STEPS = 4  # K tiles per split at least: shorter loops leave the pipeline mostly prologue
-
-
-def gate_up_splits(cfg: TileConfig, num_pairs: int, num_slots: int, inter: int, hidden_size: int,
-                   sm_count: int) -> int:
-    """How many parts the gate/up GEMM's K loop is split into for this call.
-
-    One program per (block, N tile of I) streams its weight tiles with a bounded number of loads in
-    flight, so when there are fewer programs than SMs the weights cannot be read at full bandwidth:
-    DeepSeek-V3 at TP8 decode (T=1) has 9 active slots x 256/32 N tiles = 72 programs for 132 SMs.
-    Then each program's K range is split so that every SM gets about two programs; the float32
-    partial sums go to a [split, rows, 2I] buffer that the down GEMM adds up (in a fixed order, so
-    results do not change between runs) before the activation. Only for at most one block per slot on
-    average (decode): the buffer's traffic grows with the rows.
-    """
-    active_slots = max(1, min(num_slots, num_pairs))
-    programs = active_slots * triton.cdiv(inter, cfg.gate_up.block_n)
-    if programs >= sm_count or num_pairs > active_slots * cfg.block_m:
-        return 1
-    longest = hidden_size // (_MIN_SPLIT_STEPS * cfg.gate_up.block_k)
-    return max(1, min(_MAX_SPLIT_K, triton.cdiv(2 * sm_count, programs), longest))
 
 
 @triton.jit(do_not_specialize=["num_pairs", "num_blocks", "pairs_per_program"])  # token counts: see the docstring
@@ -201,9 +173,10 @@ def _align_kernel(
 
 
 @triton.jit
-def _block_tile(pid, num_blocks, num_n, GROUP_M: tl.constexpr):
-    """(block, N tile) of tile index `pid`; GROUP_M consecutive blocks visit each N tile together (the
+def _block_tile(num_blocks, num_n, GROUP_M: tl.constexpr):
+    """(block, N tile) of this program; GROUP_M consecutive blocks visit each N tile together (the
     grouped ordering of Triton's matmul tutorial), so blocks of one expert share its weight tiles in L2."""
+    pid = tl.program_id(0)
     per_group = GROUP_M * num_n
     first_block = (pid // per_group) * GROUP_M
     group_size = tl.minimum(num_blocks - first_block, GROUP_M)
@@ -278,11 +251,11 @@ def expert_tile(
 
 
 @triton.jit
-def program_block(pid, num_blocks, num_n, block_expert_ptr, block_rows_ptr, BLOCK_M: tl.constexpr,
+def program_block(num_blocks, num_n, block_expert_ptr, block_rows_ptr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """The expert slot of tile index `pid` (< 0: nothing to do), its block's rows, their mask, its N tile
-    and the tile's offsets."""
-    block, tile_n = _block_tile(pid, num_blocks, num_n, GROUP_M)
+    """This program's expert slot (< 0: nothing to do), its block's rows, their mask, its N tile and the
+    tile's offsets."""
+    block, tile_n = _block_tile(num_blocks, num_n, GROUP_M)
     expert = tl.load(block_expert_ptr + block)
     offs_m = tl.arange(0, BLOCK_M)
     row_mask = offs_m < tl.load(block_rows_ptr + block)
@@ -291,47 +264,27 @@ def program_block(pid, num_blocks, num_n, block_expert_ptr, block_rows_ptr, BLOC
 
 @triton.jit
 def gathered_gate_up(
-    x_ptr, stride_xt, stride_xh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, k_start, k_size,
+    x_ptr, stride_xt, stride_xh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, hidden_size,
     gate_ptr, stride_ge, stride_gn, stride_gk, up_ptr, stride_ue, stride_un, stride_uk,
     shared_gate_ptr, stride_sgn, stride_sgk, shared_up_ptr, stride_sun, stride_suk,
     WITH_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """float32 tiles (x[token] @ gate_e^T, x[token] @ up_e^T) of a block's rows over hidden columns
-    [k_start, k_start + k_size), token = pair // topk; the second is zeros unless WITH_UP. Routed or shared
-    slot weights as slot_tile_ptrs reads them."""
+    """float32 tiles (x[token] @ gate_e^T, x[token] @ up_e^T) of a block's rows, token = pair // topk; the
+    second is zeros unless WITH_UP. Routed or shared slot weights as slot_tile_ptrs reads them."""
     offs_k = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + (pairs // topk).to(tl.int64)[:, None] * stride_xt + k_start * stride_xh
+    x_rows = x_ptr + (pairs // topk).to(tl.int64)[:, None] * stride_xt
     gate_ptrs, gate_k = slot_tile_ptrs(expert, num_experts, inter, gate_ptr, stride_ge, stride_gn, stride_gk,
                                        shared_gate_ptr, stride_sgn, stride_sgk, offs_n, offs_k, True)
-    gate_ptrs += k_start * gate_k
     n_mask = offs_n < inter
     if WITH_UP:
         up_ptrs, up_k = slot_tile_ptrs(expert, num_experts, inter, up_ptr, stride_ue, stride_un, stride_uk,
                                        shared_up_ptr, stride_sun, stride_suk, offs_n, offs_k, True)
-        gate, up = expert_tile(x_rows, x_rows, stride_xh, row_mask, gate_ptrs, gate_k, up_ptrs + k_start * up_k,
-                               up_k, n_mask, k_size, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K)
+        gate, up = expert_tile(x_rows, x_rows, stride_xh, row_mask, gate_ptrs, gate_k, up_ptrs, up_k, n_mask,
+                               hidden_size, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         gate, up = expert_tile(x_rows, x_rows, stride_xh, row_mask, gate_ptrs, gate_k, gate_ptrs, gate_k, n_mask,
-                               k_size, ONE, BLOCK_M, BLOCK_N, BLOCK_K)
+                               hidden_size, ONE, BLOCK_M, BLOCK_N, BLOCK_K)
     return gate, up
-
-
-@triton.jit
-def silu_mul(gate, up):
-    return gate / (1.0 + tl.exp(-gate)) * up
-
-
-@triton.jit
-def split_activation_tile(partial_rows, k0, offs_k, mask, stride_split, inter, SPLIT_K: tl.constexpr):
-    """silu(gate) * up for [BLOCK_M, BLOCK_K] at intermediate column k0 of the rows `partial_rows` points
-    at, gate and up being the sums of the K splits' float32 partials (in split order)."""
-    ptrs = partial_rows + k0 + offs_k[None, :]
-    gate = tl.load(ptrs, mask=mask, other=0.0)
-    up = tl.load(ptrs + inter, mask=mask, other=0.0)
-    for split in tl.static_range(1, SPLIT_K):
-        gate += tl.load(ptrs + split * stride_split, mask=mask, other=0.0)
-        up += tl.load(ptrs + split * stride_split + inter, mask=mask, other=0.0)
-    return silu_mul(gate, up)
 
 
 @triton.jit(do_not_specialize=["num_blocks"])
@@ -342,24 +295,18 @@ def _gate_up_kernel(
     stride_xt, stride_xh,
     stride_ge, stride_gn, stride_gk, stride_ue, stride_un, stride_uk,
     stride_sgn, stride_sgk, stride_sun, stride_suk,
-    stride_act, stride_proj, stride_split, k_per_split,
-    SAVE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    stride_act, stride_proj,
+    SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """act[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) for the rows of each expert-aligned block.
-    SAVE (training): also proj[pair] = [gate, up], rounded to hidden's dtype, for the backward.
-    SPLIT_K > 1: program (tile, split) writes the float32 partials [gate | up] over its K range to
-    act[split, row] (a [SPLIT_K, rows, 2I] buffer) instead; the down kernel finishes them."""
-    pid = tl.program_id(0)
-    expert, rows, row_mask, _, offs_n = program_block(pid // SPLIT_K, num_blocks, tl.cdiv(inter, BLOCK_N),
-                                                      block_expert_ptr, block_rows_ptr, BLOCK_M, BLOCK_N, GROUP_M)
+    SAVE (training): also proj[pair] = [gate, up], rounded to hidden's dtype, for the backward."""
+    expert, rows, row_mask, _, offs_n = program_block(num_blocks, tl.cdiv(inter, BLOCK_N), block_expert_ptr,
+                                                      block_rows_ptr, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    split = pid % SPLIT_K
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
     gate, up = gathered_gate_up(
-        x_ptr, stride_xt, stride_xh, pairs, row_mask, offs_n, expert, topk, num_experts, inter,
-        split * k_per_split, tl.minimum(k_per_split, hidden_size - split * k_per_split),
+        x_ptr, stride_xt, stride_xh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, hidden_size,
         gate_ptr, stride_ge, stride_gn, stride_gk, up_ptr, stride_ue, stride_un, stride_uk,
         shared_gate_ptr, stride_sgn, stride_sgk, shared_up_ptr, stride_sun, stride_suk,
         True, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -368,12 +315,9 @@ def _gate_up_kernel(
         saved = proj_ptr + pairs.to(tl.int64)[:, None] * stride_proj + offs_n[None, :]
         tl.store(saved, gate.to(proj_ptr.dtype.element_ty), mask=mask)
         tl.store(saved + inter, up.to(proj_ptr.dtype.element_ty), mask=mask)
-    act_ptrs = act_ptr + split.to(tl.int64) * stride_split + rows.to(tl.int64)[:, None] * stride_act + offs_n[None, :]
-    if SPLIT_K > 1:
-        tl.store(act_ptrs, gate, mask=mask)
-        tl.store(act_ptrs + inter, up, mask=mask)
-    else:
-        tl.store(act_ptrs, silu_mul(gate, up).to(act_ptr.dtype.element_ty), mask=mask)
+    act = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up
+    act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * stride_act + offs_n[None, :]
+    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["num_blocks"])
@@ -382,17 +326,15 @@ def _down_kernel(
     down_ptr, down2_ptr, shared_down_ptr, shared_down2_ptr,
     num_blocks, hidden_size, inter, num_experts,
     stride_act, stride_de, stride_dn, stride_dk, stride_d2e, stride_d2n, stride_d2k,
-    stride_sdn, stride_sdk, stride_sd2n, stride_sd2k, stride_y, stride_split,
-    TWO_INPUTS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    stride_sdn, stride_sdk, stride_sd2n, stride_sd2k, stride_y,
+    TWO_INPUTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """y[pair] = down_e @ act[row] for the rows of each expert-aligned block; plus down2_e @ act2[row]
-    when TWO_INPUTS (the backward's hidden-state gradient: gate_e^T @ da + up_e^T @ db). SPLIT_K > 1:
-    act holds the gate/up kernel's float32 partials, and act[row] = silu(gate) * up of their sums,
-    rounded to y's dtype as the unsplit kernel rounds it."""
+    when TWO_INPUTS (the backward's hidden-state gradient: gate_e^T @ da + up_e^T @ db)."""
     num_n = tl.cdiv(hidden_size, BLOCK_N)
-    expert, rows, row_mask, _, offs_n = program_block(tl.program_id(0), num_blocks, num_n, block_expert_ptr,
-                                                      block_rows_ptr, BLOCK_M, BLOCK_N, GROUP_M)
+    expert, rows, row_mask, _, offs_n = program_block(num_blocks, num_n, block_expert_ptr, block_rows_ptr, BLOCK_M,
+                                                      BLOCK_N, GROUP_M)
     if expert < 0:
         return
     offs_k = tl.arange(0, BLOCK_K)
@@ -400,16 +342,7 @@ def _down_kernel(
     down_ptrs, down_k = slot_tile_ptrs(expert, num_experts, inter, down_ptr, stride_de, stride_dn, stride_dk,
                                        shared_down_ptr, stride_sdn, stride_sdk, offs_n, offs_k, False)
     n_mask = offs_n < hidden_size
-    if SPLIT_K > 1:
-        y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
-            k_mask = offs_k < inter - k0
-            act = split_activation_tile(act_rows, k0, offs_k, row_mask[:, None] & k_mask[None, :], stride_split,
-                                        inter, SPLIT_K)
-            w = tl.load(down_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            y = tl.dot(act.to(y_ptr.dtype.element_ty), w, y, input_precision="ieee")
-            down_ptrs += BLOCK_K * down_k
-    elif TWO_INPUTS:
+    if TWO_INPUTS:
         act2_rows = act2_ptr + rows.to(tl.int64)[:, None] * stride_act
         down2_ptrs, down2_k = slot_tile_ptrs(expert, num_experts, inter, down2_ptr, stride_d2e, stride_d2n,
                                              stride_d2k, shared_down2_ptr, stride_sd2n, stride_sd2k, offs_n, offs_k,
@@ -521,20 +454,17 @@ def gathered_gate_up_gemm(x, act, projections, alignment: Alignment, topk, gate,
                           tiles: GemmTiles, group_m: int) -> None:
     """act[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) for every row of the alignment (token =
     pair // topk, e its slot; weights [E, I, H], shared [S*I, H]), and with `projections` [T*K, 2I] also
-    projections[pair] = [gate_e @ x[token], up_e @ x[token]]. A float32 `act` [split, rows, 2I] receives
-    the K splits' partial [gate | up] instead (see gate_up_splits; not with `projections`)."""
+    projections[pair] = [gate_e @ x[token], up_e @ x[token]]."""
     num_experts, inter, hidden_size = gate.shape
     save = projections is not None
-    split_k = act.shape[0] if act.dim() == 3 else 1
-    k_per_split = triton.cdiv(triton.cdiv(hidden_size, split_k), tiles.block_k) * tiles.block_k
     launch_gemm(
-        _gate_up_kernel, (alignment.num_blocks * triton.cdiv(inter, tiles.block_n) * split_k,),
+        _gate_up_kernel, (alignment.num_blocks * triton.cdiv(inter, tiles.block_n),),
         x, act, projections if save else act, alignment.sorted_pairs, alignment.block_expert, alignment.block_rows,
         gate, up, shared_gate, shared_up,
         alignment.num_blocks, hidden_size, inter, topk, num_experts,
-        *x.stride(), *gate.stride(), *up.stride(), *shared_gate.stride(), *shared_up.stride(), act.stride(-2),
-        projections.stride(0) if save else 0, act.stride(0) if split_k > 1 else 0, k_per_split,
-        SAVE=save, SPLIT_K=split_k, BLOCK_M=alignment.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        *x.stride(), *gate.stride(), *up.stride(), *shared_gate.stride(), *shared_up.stride(), act.stride(0),
+        projections.stride(0) if save else 0,
+        SAVE=save, BLOCK_M=alignment.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         GROUP_M=group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
@@ -542,11 +472,9 @@ def gathered_gate_up_gemm(x, act, projections, alignment: Alignment, topk, gate,
 def scattered_gemm(act, y, alignment: Alignment, down, shared_down, tiles: GemmTiles, group_m: int,
                    act2=None, down2=None, shared_down2=None) -> None:
     """y[pair] = down_e @ act[row] (+ down2_e @ act2[row]) for every row of the alignment; weights
-    [E, N, K] and shared [N, S*K]. A 3-D `act` holds the gate/up GEMM's K-split float32 partials
-    (gathered_gate_up_gemm), finished into silu(gate) * up here."""
+    [E, N, K] and shared [N, S*K]. The slot size along K is act's width."""
     num_experts, hidden_size, inter = down.shape
     two_inputs = act2 is not None
-    split_k = act.shape[0] if act.dim() == 3 else 1
     if not two_inputs:  # never dereferenced
         act2, down2, shared_down2 = act, down, shared_down
     launch_gemm(
@@ -554,10 +482,9 @@ def scattered_gemm(act, y, alignment: Alignment, down, shared_down, tiles: GemmT
         act, act2, y, alignment.sorted_pairs, alignment.block_expert, alignment.block_rows,
         down, down2, shared_down, shared_down2,
         alignment.num_blocks, hidden_size, inter, num_experts,
-        act.stride(-2), *down.stride(), *down2.stride(), *shared_down.stride(), *shared_down2.stride(), y.stride(0),
-        act.stride(0) if split_k > 1 else 0,
-        TWO_INPUTS=two_inputs, SPLIT_K=split_k, BLOCK_M=alignment.block_m, BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k, GROUP_M=group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        act.stride(0), *down.stride(), *down2.stride(), *shared_down.stride(), *shared_down2.stride(), y.stride(0),
+        TWO_INPUTS=two_inputs, BLOCK_M=alignment.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        GROUP_M=group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
@@ -581,23 +508,11 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def forward_config(num_pairs: int, num_slots: int, inter: int, hidden_size: int, hidden: torch.Tensor,
-                   training: bool) -> TileConfig:
-    """tile_config with the gate/up K split for `hidden`'s GPU (none when training: the split kernel
-    cannot save the projections; none on the CPU, where Triton's interpreter runs the tests)."""
-    cfg = tile_config(num_pairs, num_slots, hidden.dtype)
-    if training or hidden.device.type != "cuda":
-        return cfg
-    sm_count = torch.cuda.get_device_properties(hidden.device).multi_processor_count
-    return cfg._replace(split_k=gate_up_splits(cfg, num_pairs, num_slots, inter, hidden_size, sm_count))
-
-
 def fused_experts_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
                          shared_token_weight, num_shared, config: TileConfig | None = None, projections_out=None):
     """Runs the four kernels; the arguments are already checked (ops.experts.check_experts_args).
 
-    ``config`` overrides ``forward_config`` (for tuning: benchmarks/bench_experts.py
-    --tune);
+    ``config`` overrides ``tile_config`` (for tuning: benchmarks/bench_experts.py --tune);
     ``projections_out`` [T*K, 2I] receives each pair's gate and up projections (training).
     """
     tokens, hidden_size = hidden.shape
@@ -607,19 +522,13 @@ def fused_experts_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, s
     if tokens == 0:
         return out
     num_slots = num_experts + num_shared
-    cfg = config or forward_config(tokens * topk, num_slots, inter, hidden_size, hidden, projections_out is not None)
-    if projections_out is not None and cfg.split_k > 1:
-        raise ValueError("fused_experts_triton: a K-split gate/up GEMM cannot save the projections (split_k must be 1)")
+    cfg = config or tile_config(tokens * topk, num_slots, hidden.dtype)
     ids = topk_ids.contiguous()  # [T, K] is indexed as pairs t*K + j; a no-op for the router's output
     if num_shared == 0:  # never dereferenced: no id selects a shared slot
         shared_gate, shared_up, shared_down = w_gate[0], w_up[0], w_down[0]
     with on_device(hidden.device):
         alignment = align(ids, num_slots, cfg.block_m)
-        rows = alignment.num_blocks * cfg.block_m
-        if cfg.split_k > 1:
-            act = torch.empty(cfg.split_k, rows, 2 * inter, dtype=torch.float32, device=hidden.device)
-        else:
-            act = hidden.new_empty(rows, inter)
+        act = hidden.new_empty(alignment.num_blocks * cfg.block_m, inter)
         gathered_gate_up_gemm(hidden, act, projections_out, alignment, topk, w_gate, w_up, shared_gate, shared_up,
                               cfg.gate_up, cfg.group_m)
         y = hidden.new_empty(tokens * topk, hidden_size)

@@ -82,13 +82,13 @@ def _gate_up_backward_kernel(
 ):
     """u = D_e^T g, then h, da, db (rows of the alignment) and dp_part[tile, pair] = sum over the tile of
     u * h, from the saved projections. The down weights are read as D^T [E, I, H] through strides."""
-    expert, rows, row_mask, tile_n, offs_n = program_block(tl.program_id(0), num_blocks, tl.cdiv(inter, BLOCK_N),
-                                                           block_expert_ptr, block_rows_ptr, BLOCK_M, BLOCK_N, GROUP_M)
+    expert, rows, row_mask, tile_n, offs_n = program_block(num_blocks, tl.cdiv(inter, BLOCK_N), block_expert_ptr,
+                                                           block_rows_ptr, BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
     u, _ = gathered_gate_up(
-        grad_out_ptr, stride_gt, stride_gh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, 0, hidden_size,
+        grad_out_ptr, stride_gt, stride_gh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, hidden_size,
         down_ptr, stride_de, stride_dn, stride_dk, down_ptr, stride_de, stride_dn, stride_dk,
         shared_down_ptr, stride_sdn, stride_sdk, shared_down_ptr, stride_sdn, stride_sdk,
         False, BLOCK_M, BLOCK_N, BLOCK_K)

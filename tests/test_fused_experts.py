@@ -379,41 +379,6 @@ def test_cuda_unwritten_memory_never_leaks(dtype, tokens):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_cuda_decode_splits_the_gate_up_loop(dtype, tokens):
-    """Few active slots with a small intermediate size (DeepSeek-V3 TP8 decode, scaled down): the gate/up
-    K loop is split over programs and the down kernel sums the partials; unwritten memory is NaN."""
-    from ops.triton_experts import gate_up_splits, tile_config
-
-    case = make_case(tokens=tokens, hidden_size=2048 + 40, inter=64, num_experts=16, topk=4, num_shared=1,
-                     dtype=dtype, device="cuda", token_weight=True)
-    num_pairs, num_slots = case.topk_ids.numel(), 17
-    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-    assert gate_up_splits(tile_config(num_pairs, num_slots, dtype), num_pairs, num_slots, 64, 2048 + 40, sm_count) > 1
-    reference = fused_experts_reference(*case.args())
-    poison_cuda_cache()
-    assert_matches_reference(fused_experts(*case.args()), case, reference)
-
-
-def test_gate_up_splits_only_when_the_programs_cannot_fill_the_chip():
-    pytest.importorskip("triton")
-    from ops.triton_experts import gate_up_splits, tile_config
-
-    def splits(tokens, num_slots, inter, hidden_size=7168, topk=9):
-        cfg = tile_config(tokens * topk, num_slots, torch.bfloat16)
-        return gate_up_splits(cfg, tokens * topk, num_slots, inter, hidden_size, sm_count=132)
-
-    # DeepSeek-V3 TP8 decode: 9 slots x 8 N tiles of I=256 = 72 programs for 132 SMs.
-    assert 1 < splits(1, 257, 256) <= 8
-    assert splits(64, 257, 256) == 1  # hundreds of active slots
-    assert splits(1, 33, 2048) == 1  # EP: 9 slots x 64 N tiles
-    assert splits(1, 257, 256, hidden_size=256) == 1  # too short a K loop to split
-    assert splits(400, 9, 256) == 1  # many rows per slot: the partials' traffic would grow with them
-
-
-@requires_cuda
-@pytest.mark.cuda
 def test_cuda_out_of_range_ids_are_ignored():
     case = make_case(tokens=50, num_experts=8, topk=3, num_shared=1, device="cuda", ids_dtype=torch.int64)
     bad = case.topk_ids.clone()
@@ -484,7 +449,7 @@ def test_triton_kernels_interpreted():
 @interpreted_only
 def test_triton_interpreted_body():
     patch_interpreter_for_numpy_2_4()
-    from ops.triton_experts import fused_experts_triton, tile_config
+    from ops.triton_experts import fused_experts_triton
 
     # The interpreter has no bfloat16 tl.dot (it multiplies the raw bits), so float32 and float16 only.
     cases = [
@@ -501,12 +466,6 @@ def test_triton_interpreted_body():
         num_shared = 0 if case.shared_gate is None else case.shared_gate.shape[0] // case.w_gate.shape[1]
         out = fused_experts_triton(*case.args(), num_shared)
         assert_matches_reference(out, case)
-        # The gate/up K loop in 3 programs of 16-wide K tiles: hidden 40 gives 16 + 16 + 8 columns,
-        # hidden 32 leaves the last program nothing.
-        unsplit = tile_config(case.topk_ids.numel(), case.w_gate.shape[0] + num_shared, case.hidden.dtype)
-        split_config = unsplit._replace(split_k=3, gate_up=unsplit.gate_up._replace(block_k=16))
-        split = fused_experts_triton(*case.args(), num_shared, config=split_config)
-        assert_matches_reference(split, case)
         # Training: the same output, and every pair's gate and up projections written over NaN.
         projections = torch.full((case.topk_ids.numel(), 2 * case.w_gate.shape[1]), float("nan"),
                                  dtype=case.hidden.dtype)

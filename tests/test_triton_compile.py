@@ -30,16 +30,13 @@ FLOAT32_POINTERS = {"dp_part_ptr", "pair_weight_ptr", "row_scale_ptr", "weights_
                     "grad_weights_ptr"}
 
 
-def compile_for_hopper(kernel, dtype: str, num_warps: int, num_stages: int = 1, ids: str = "*i32",
-                       types: dict | None = None, **constexprs):
+def compile_for_hopper(kernel, dtype: str, num_warps: int, num_stages: int = 1, ids: str = "*i32", **constexprs):
     """Compiles `kernel` with pointers of `dtype` (float data), int32 / float32 where the kernel's
-    argument names say so, `ids` for the router's ids, integer scalars, and the `types` given."""
+    argument names say so, `ids` for the router's ids, and integer scalars."""
 
     def type_of(name):
         if name in constexprs:
             return "constexpr"
-        if types and name in types:
-            return types[name]
         if not name.endswith("_ptr"):
             return "fp32" if name in FLOAT_SCALARS else "i32"
         if name == "ids_ptr":
@@ -62,18 +59,12 @@ def test_gemm_kernels_compile_for_every_tile_row(dtype):
         gate_up_meta = dict(common, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k)
         for save in (True, False):
             compile_for_hopper(forward._gate_up_kernel, dtype, gate_up.num_warps, gate_up.num_stages, SAVE=save,
-                               SPLIT_K=1, **gate_up_meta)
+                               **gate_up_meta)
         compile_for_hopper(backward._gate_up_backward_kernel, dtype, gate_up.num_warps, gate_up.num_stages,
                            **gate_up_meta)
         for two_inputs in (True, False):
             compile_for_hopper(forward._down_kernel, dtype, down.num_warps, down.num_stages, TWO_INPUTS=two_inputs,
-                               SPLIT_K=1, BLOCK_N=down.block_n, BLOCK_K=down.block_k, **common)
-        # The K-split forward (float32 partials between the two kernels).
-        partials = {"act_ptr": "*fp32", "act2_ptr": "*fp32", "proj_ptr": "*fp32"}
-        compile_for_hopper(forward._gate_up_kernel, dtype, gate_up.num_warps, gate_up.num_stages, types=partials,
-                           SAVE=False, SPLIT_K=4, **gate_up_meta)
-        compile_for_hopper(forward._down_kernel, dtype, down.num_warps, down.num_stages, types=partials,
-                           TWO_INPUTS=False, SPLIT_K=4, BLOCK_N=down.block_n, BLOCK_K=down.block_k, **common)
+                               BLOCK_N=down.block_n, BLOCK_K=down.block_k, **common)
 
 
 @pytest.mark.parametrize("dtype", sorted(TABLES))
