@@ -216,6 +216,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   float* warp_sel = reinterpret_cast<float*>(slots + kWarp);
   float* warp_group = warp_sel + E;
 
+  wait_for_preceding_kernels();
+  let_next_kernel_launch();
   float bias[VPT];
 #pragma unroll
   for (int j = 0; j < VPT; ++j) {
@@ -394,8 +396,7 @@ void launch(const GateArgs& args, const GateConfig& cfg, size_t smem_bytes, cuda
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t needed = (args.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int blocks = static_cast<int>(std::min<int64_t>(needed, static_cast<int64_t>(sms) * std::max(blocks_per_sm, 1)));
-  kernel<<<blocks, kWarp * kWarpsPerBlock, smem_bytes, stream>>>(args, cfg);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_after_preceding_kernel(kernel, blocks, kWarp * kWarpsPerBlock, smem_bytes, stream, device, args, cfg);
 }
 
 // Values per lane: the smallest multiple of the 16-byte vector width covering

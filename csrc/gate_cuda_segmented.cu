@@ -195,6 +195,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, 4)
     cp_async_commit();
   };
 
+  wait_for_preceding_kernels();
+  let_next_kernel_launch();
   // The first stages' copies fly while the bias and the padding are set up.
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue((warp_id + s * total_warps) * kTpw, s);
@@ -445,8 +447,7 @@ void launch(const SegmentedArgs& args, const GateConfig& cfg, cudaStream_t strea
   const int64_t tokens_per_block = static_cast<int64_t>(Lay::kTokensPerWarp) * kWarpsPerBlock;
   const int64_t needed = (args.rows + tokens_per_block - 1) / tokens_per_block;
   const int blocks = static_cast<int>(std::min<int64_t>(needed, static_cast<int64_t>(sms) * std::max(blocks_per_sm, 1)));
-  kernel<<<blocks, kThreads, Lay::kBlockBytes, stream>>>(args, cfg);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_after_preceding_kernel(kernel, blocks, kThreads, Lay::kBlockBytes, stream, device, args, cfg);
 }
 
 constexpr int kChunkSizes[] = {8, 16, 24, 32};
