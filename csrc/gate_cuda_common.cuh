@@ -45,8 +45,8 @@ __device__ __forceinline__ void store_id(void* base, int64_t i, int id, bool int
 }
 
 // Programmatic dependent launch (Hopper and later). At decode sizes a gate call is a few
-// microseconds, a large part of which is the launch behind the preceding kernel (the router's
-// matmul, or the previous layer). Launched with the programmatic-serialisation attribute, the
+// microseconds, part of which is the launch behind the preceding kernel (the router's matmul, or
+// the previous layer). Launched with the programmatic-serialisation attribute, the
 // kernel's blocks are scheduled while that kernel finishes; each block waits in
 // wait_for_preceding_kernels() (griddepcontrol.wait: the preceding grid has completed and its writes
 // are visible) before its first global read, so the result is the same as with a plain launch. Both
