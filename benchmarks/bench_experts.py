@@ -201,7 +201,7 @@ def bench(shape_names, tokens_list) -> None:
 TUNED_FIELDS = [("block_m", None, (16, 32, 64, 128)), ("group_m", None, (1, 4, 8, 16))] + [
     (gemm, key, values) for gemm in ("gate_up", "down") for key, values in (
         ("block_n", (16, 32, 64, 128, 256)), ("block_k", (32, 64, 128, 256)), ("num_warps", (4, 8)),
-        ("num_stages", (2, 3, 4, 5)))]
+        ("num_stages", (2, 3, 4, 5)))] + [("down", "n_tiles", (1, 14, 28, 56))]
 
 
 def with_value(cfg: TileConfig, field: str, key: str | None, value: int) -> TileConfig:
@@ -227,7 +227,7 @@ def tune_one(name: str, w: Weights, tokens: int, generator) -> None:
         except OutOfResources:  # shared memory of too many stages
             return math.inf
 
-    table = tile_config(tokens * (topk + num_shared), num_experts + num_shared, torch.bfloat16)
+    table = tile_config(tokens * (topk + num_shared), num_experts + num_shared, torch.bfloat16, resident_k=inter)
     best, best_time = table, measure(table)
     table_time = best_time
     for field, key, values in TUNED_FIELDS:

@@ -1,17 +1,20 @@
 """Triton kernels of ``moe_fusion::fused_experts`` and ``fused_experts_train`` (the CUDA implementation).
 
-Four launches, no host synchronisation (every size is an upper bound computed from shapes, so the
-whole op can be captured in a CUDA graph):
+Four or five launches, no host synchronisation (every size is an upper bound computed from shapes, so
+the whole op can be captured in a CUDA graph):
 
 1. ``_align_kernel`` sorts the T*K (token, slot) pairs by expert slot and pads each slot's segment to a
-   multiple of BLOCK_M (the "moe_align_block_size" idea of vLLM/SGLang, here in one launch): a block
-   table says which expert slot each BLOCK_M rows belong to and how many of them are real.
+   multiple of BLOCK_M (the "moe_align_block_size" idea of vLLM/SGLang): a block table says which
+   expert slot each BLOCK_M rows belong to and how many of them are real. One launch up to 2048 pairs
+   (decode); above, ``_align_count_kernel`` first histograms each program's range of pairs.
 2. ``_gate_up_kernel``: grouped GEMM over the blocks, one program per (block, N tile of I). It gathers
    the token rows of ``hidden``, multiplies by the gate and up tiles of the block's expert (routed
    weights, or the shared tensors at the slot's row offset) and writes ``silu(gate) * up``; for
    ``fused_experts_train`` also gate and up themselves, to the row of the pair (the backward's input).
 3. ``_down_kernel``: grouped GEMM of that intermediate with the down projection, one program per
-   (block, N tile of H); each output row goes to the row of its (token, slot) pair.
+   (block, N tile of H), or per (block, n_tiles N tiles) with the block's intermediate rows held
+   resident where the intermediate size is short (I <= 256); each output row goes to the row of its
+   (token, slot) pair.
 4. ``_combine_kernel``: per token, the weighted sum over its K pairs in float32, in a fixed order.
 
 Why a separate, deterministic combine rather than float32 atomics into a [T, H] buffer: the K rows of
@@ -48,6 +51,10 @@ class GemmTiles(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    # N tiles per program of the down GEMM when all of K (the intermediate size) fits in one BLOCK_K: the
+    # program loads its activation tile once and multiplies it by n_tiles weight tiles in turn (see
+    # resident_down_tiles); 1: one N tile per program, K in a loop.
+    n_tiles: int = 1
 
 
 class TileConfig(NamedTuple):
@@ -61,63 +68,99 @@ class TileConfig(NamedTuple):
 # GEMMs only stream weights, so tiles are thin along M and narrow along N to spread each expert's
 # weights over many programs (occupancy and bytes in flight), with deep K tiles. Many rows (prefill):
 # large tiles and 3-4 pipeline stages for tensor-core throughput. Rows are (max rows, BLOCK_M, GROUP_M,
-# gate_up tiles, down tiles); tiles are (BLOCK_N, BLOCK_K, num_warps, num_stages).
+# gate_up tiles, down tiles, resident down tiles); tiles are (BLOCK_N, BLOCK_K, num_warps, num_stages
+# [, n_tiles]). The resident down tiles replace the down tiles in the forward where the intermediate
+# size fits their BLOCK_K: at DeepSeek-V3 TP8 (I=256, T=16384) on an H100 they took the down GEMM from
+# 2466 to 1529 us (best of a 12-point search over BLOCK_N, n_tiles, warps and stages).
 _TILES_16BIT = (
-    (16, 16, 1, GemmTiles(32, 128, 4, 4), GemmTiles(64, 128, 4, 4)),
-    (48, 32, 4, GemmTiles(64, 128, 4, 3), GemmTiles(64, 128, 4, 4)),
-    (128, 64, 8, GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4)),
-    (None, 128, 8, GemmTiles(128, 64, 8, 3), GemmTiles(128, 64, 8, 4)),
+    (16, 16, 1, GemmTiles(32, 128, 4, 4), GemmTiles(64, 128, 4, 4), None),
+    (48, 32, 4, GemmTiles(64, 128, 4, 3), GemmTiles(64, 128, 4, 4), None),
+    (128, 64, 8, GemmTiles(64, 64, 4, 4), GemmTiles(128, 64, 4, 4), None),
+    (None, 128, 8, GemmTiles(128, 64, 8, 3), GemmTiles(128, 64, 8, 4), GemmTiles(64, 256, 8, 4, n_tiles=28)),
 )
 # float32 runs tl.dot in IEEE precision (FMA, no tensor cores): correct, not fast; small tiles keep the
 # register use of the FMA dot in check.
 _TILES_FP32 = (
-    (16, 16, 1, GemmTiles(32, 32, 4, 2), GemmTiles(64, 32, 4, 2)),
-    (None, 64, 8, GemmTiles(32, 32, 4, 2), GemmTiles(64, 32, 4, 2)),
+    (16, 16, 1, GemmTiles(32, 32, 4, 2), GemmTiles(64, 32, 4, 2), None),
+    (None, 64, 8, GemmTiles(32, 32, 4, 2), GemmTiles(64, 32, 4, 2), None),
 )
 
 
-def tile_config(num_pairs: int, num_slots: int, dtype: torch.dtype) -> TileConfig:
-    """The launch configuration for ``num_pairs`` (token, slot) pairs over ``num_slots`` expert slots."""
+def tile_config(num_pairs: int, num_slots: int, dtype: torch.dtype, resident_k: int | None = None) -> TileConfig:
+    """The launch configuration for ``num_pairs`` (token, slot) pairs over ``num_slots`` expert slots;
+    with ``resident_k`` (the down GEMM's K, one input) the row's resident down tiles where they hold it."""
     rows_per_slot = num_pairs / max(1, min(num_slots, num_pairs))
     table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
-    for max_rows, block_m, group_m, gate_up, down in table:
+    for max_rows, block_m, group_m, gate_up, down, resident_down in table:
         if max_rows is None or rows_per_slot <= max_rows:
+            if resident_k is not None and resident_down is not None and resident_k <= resident_down.block_k:
+                down = resident_down
             return TileConfig(block_m, group_m, gate_up, down)
     raise AssertionError("unreachable: the last row of each table has no limit")
 
 
+@triton.jit
+def _slot_histogram(ids_ptr, start, end, num_slots, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):
+    """The pairs of each slot among ids[start:end]; ids outside [0, num_slots) are left out."""
+    offs = tl.arange(0, CHUNK)
+    counts = tl.zeros([NUM_BINS], dtype=tl.int32)
+    for chunk_start in range(start, end, CHUNK):
+        idx = chunk_start + offs
+        ids = tl.load(ids_ptr + idx, mask=idx < end, other=-1)
+        valid = (idx < end) & (ids >= 0) & (ids < num_slots)
+        # The validity test runs on the original (possibly int64) ids; the histogram needs int32.
+        counts += tl.histogram(ids.to(tl.int32), NUM_BINS, mask=valid)
+    return counts
+
+
+@triton.jit(do_not_specialize=["num_pairs", "pairs_per_program"])
+def _align_count_kernel(ids_ptr, program_counts_ptr, num_pairs, num_slots, pairs_per_program,
+                        NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):
+    """program_counts[p] = the slot histogram of program p's range of pairs (the first of the two
+    launches of a multi-program alignment)."""
+    pid = tl.program_id(0)
+    first = pid * pairs_per_program
+    last = tl.minimum(first + pairs_per_program, num_pairs)
+    counts = _slot_histogram(ids_ptr, first, last, num_slots, NUM_BINS, CHUNK)
+    tl.store(program_counts_ptr + pid * NUM_BINS + tl.arange(0, NUM_BINS), counts)
+
+
 @triton.jit(do_not_specialize=["num_pairs", "num_blocks", "pairs_per_program"])  # token counts: see the docstring
 def _align_kernel(
-    ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr, scratch_ptr, slot_start_ptr, slot_rows_ptr,
-    num_pairs, num_slots, num_blocks, pairs_per_program,
+    ids_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr, scratch_ptr, program_counts_ptr, slot_start_ptr,
+    slot_rows_ptr, num_pairs, num_slots, num_blocks, pairs_per_program,
     BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr, BLOCKS_CHUNK: tl.constexpr,
-    STABLE: tl.constexpr,
+    COUNTS_CHUNK: tl.constexpr, PRECOUNTED: tl.constexpr, STABLE: tl.constexpr,
 ):
-    """Expert-sorted, BLOCK_M-padded layout of the pairs, in one launch.
+    """Expert-sorted, BLOCK_M-padded layout of the pairs.
 
-    Each program counts all ids (a histogram, cheap next to the GEMMs and read from L2 after the first
-    program), so every program knows every segment's start and how many pairs of each slot precede
-    its own range; it then places its range, chunk by chunk, through a private scratch row (STABLE:
-    each slot's pairs in pair order; else in any order, which the forward's results do not depend
-    on). No inter-program communication, hence one launch. Ids outside [0, num_slots) are left out everywhere.
-    Program 0 also writes each slot's first row and number of pairs (the backward's weight gradients
-    walk segments).
+    Every program needs every slot's total (the segment starts) and how many pairs of each slot
+    precede its own range. PRECOUNTED: they come from the per-program histograms of
+    _align_count_kernel (launched first); else this is the only program and counts all pairs itself,
+    so that decode sizes take one launch. Each program then places its range, chunk by chunk, through
+    a private scratch row (STABLE: each slot's pairs in pair order; else in any order, which the
+    forward's results do not depend on). Ids outside [0, num_slots) are left out everywhere. Program 0
+    also writes each slot's first row and number of pairs (the backward's weight gradients walk
+    segments).
     """
     pid = tl.program_id(0)
     first = pid * pairs_per_program
     offs = tl.arange(0, CHUNK)
     slots = tl.arange(0, NUM_BINS)
 
-    counts = tl.zeros([NUM_BINS], dtype=tl.int32)
-    before = tl.zeros([NUM_BINS], dtype=tl.int32)
-    for start in range(0, num_pairs, CHUNK):
-        idx = start + offs
-        ids = tl.load(ids_ptr + idx, mask=idx < num_pairs, other=-1)
-        valid = (idx < num_pairs) & (ids >= 0) & (ids < num_slots)
-        # The validity test runs on the original (possibly int64) ids; the histogram needs int32.
-        hist = tl.histogram(ids.to(tl.int32), NUM_BINS, mask=valid)
-        counts += hist
-        before += tl.where(start < first, hist, 0)  # `first` is a multiple of CHUNK
+    if PRECOUNTED:
+        counts = tl.zeros([NUM_BINS], dtype=tl.int32)
+        before = tl.zeros([NUM_BINS], dtype=tl.int32)
+        num_programs = tl.num_programs(0)
+        for q0 in range(0, num_programs, COUNTS_CHUNK):
+            q = q0 + tl.arange(0, COUNTS_CHUNK)
+            rows = tl.load(program_counts_ptr + q[:, None] * NUM_BINS + slots[None, :],
+                           mask=(q < num_programs)[:, None], other=0)
+            counts += tl.sum(rows, axis=0)
+            before += tl.sum(tl.where((q < pid)[:, None], rows, 0), axis=0)
+    else:
+        counts = _slot_histogram(ids_ptr, 0, num_pairs, num_slots, NUM_BINS, CHUNK)
+        before = tl.zeros([NUM_BINS], dtype=tl.int32)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     seg_end = tl.cumsum(padded, 0)
     seg_start = seg_end - padded
@@ -320,6 +363,26 @@ def _gate_up_kernel(
     tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def resident_down_tiles(a_rows, row_mask, y_rows, w_ptrs, step_n, offs_n, k_size, n_size,
+                        N_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[row, n] = A[row] @ W^T[:, n] for N_TILES consecutive N tiles from ``offs_n``, all of K
+    (``k_size`` <= BLOCK_K) in one tile: the [BLOCK_M, K] tile of A is loaded once and the loop runs over
+    the weight tiles (``w_ptrs``, ``step_n`` apart), which the compiler pipelines. With the K loop of
+    expert_tile, a short K (I=256 at DeepSeek-V3 TP8: four 64-wide steps) leaves the pipeline mostly in
+    its prologue, and each N tile re-reads the same A tile."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < k_size
+    a = tl.load(a_rows + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    for _ in range(N_TILES):
+        n_mask = offs_n < n_size
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        y = tl.dot(a, w, input_precision="ieee")
+        tl.store(y_rows + offs_n[None, :], y.to(y_rows.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+        offs_n += BLOCK_N
+        w_ptrs += step_n
+
+
 @triton.jit(do_not_specialize=["num_blocks"])
 def _down_kernel(
     act_ptr, act2_ptr, y_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
@@ -328,19 +391,29 @@ def _down_kernel(
     stride_act, stride_de, stride_dn, stride_dk, stride_d2e, stride_d2n, stride_d2k,
     stride_sdn, stride_sdk, stride_sd2n, stride_sd2k, stride_y,
     TWO_INPUTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    N_TILES: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[pair] = down_e @ act[row] for the rows of each expert-aligned block; plus down2_e @ act2[row]
-    when TWO_INPUTS (the backward's hidden-state gradient: gate_e^T @ da + up_e^T @ db)."""
-    num_n = tl.cdiv(hidden_size, BLOCK_N)
-    expert, rows, row_mask, _, offs_n = program_block(num_blocks, num_n, block_expert_ptr, block_rows_ptr, BLOCK_M,
+    when TWO_INPUTS (the backward's hidden-state gradient: gate_e^T @ da + up_e^T @ db). N_TILES > 1:
+    each program covers N_TILES N tiles with all of K resident (resident_down_tiles; one input only)."""
+    num_n = tl.cdiv(tl.cdiv(hidden_size, BLOCK_N), N_TILES)
+    expert, rows, row_mask, tile_n, _ = program_block(num_blocks, num_n, block_expert_ptr, block_rows_ptr, BLOCK_M,
                                                       BLOCK_N, GROUP_M)
     if expert < 0:
         return
+    offs_n = tile_n * (N_TILES * BLOCK_N) + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     act_rows = act_ptr + rows.to(tl.int64)[:, None] * stride_act
     down_ptrs, down_k = slot_tile_ptrs(expert, num_experts, inter, down_ptr, stride_de, stride_dn, stride_dk,
                                        shared_down_ptr, stride_sdn, stride_sdk, offs_n, offs_k, False)
+    pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
+    y_rows = y_ptr + pairs.to(tl.int64)[:, None] * stride_y
+    if N_TILES > 1:
+        tl.static_assert(not TWO_INPUTS, "resident K tiles take one input")
+        step_n = tl.where(expert >= num_experts, stride_sdn, stride_dn) * BLOCK_N
+        resident_down_tiles(act_rows, row_mask, y_rows, down_ptrs, step_n, offs_n, inter, hidden_size, N_TILES,
+                            BLOCK_N, BLOCK_K)
+        return
     n_mask = offs_n < hidden_size
     if TWO_INPUTS:
         act2_rows = act2_ptr + rows.to(tl.int64)[:, None] * stride_act
@@ -352,43 +425,44 @@ def _down_kernel(
     else:
         y, _ = expert_tile(act_rows, act_rows, 1, row_mask, down_ptrs, down_k, down_ptrs, down_k, n_mask, inter,
                            ONE, BLOCK_M, BLOCK_N, BLOCK_K)
-    pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
-    y_ptrs = y_ptr + pairs.to(tl.int64)[:, None] * stride_y + offs_n[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    tl.store(y_rows + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def _combine_kernel(
     y_ptr, out_ptr, ids_ptr, weights_ptr, token_weight_ptr,
-    hidden_size, topk, num_experts, num_slots, stride_y, stride_out,
-    WEIGHTED: tl.constexpr, HAS_TOKEN_WEIGHT: tl.constexpr, BLOCK_TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+    hidden_size, num_experts, num_slots, stride_y, stride_out,
+    TOPK: tl.constexpr, WEIGHTED: tl.constexpr, HAS_TOKEN_WEIGHT: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """out[t] = sum_j w[t, j] * y[t*K + j] in float32 (w = 1 when not WEIGHTED), pairs with out-of-range
-    ids left out."""
+    """out[t] = sum_j w[t, j] * y[t*K + j] over j in order, in float32 (w = 1 when not WEIGHTED), pairs with
+    out-of-range ids left out. The loop over the K pairs is unrolled, so their K row loads are in flight
+    together (a [next_power_of_2(K), BLOCK_H] tile reduced along K reached 56 % of the copy bandwidth
+    at DeepSeek-V3 TP8 T=16384 on an H100, this 97 %)."""
     token = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_j = tl.arange(0, BLOCK_TOPK)
-    pairs = token * topk + offs_j
-    ids = tl.load(ids_ptr + pairs, mask=offs_j < topk, other=-1)
-    valid = (offs_j < topk) & (ids >= 0) & (ids < num_slots)
-    y_ptrs = y_ptr + pairs.to(tl.int64)[:, None] * stride_y + offs_h[None, :]
-    y = tl.load(y_ptrs, mask=valid[:, None] & (offs_h < hidden_size)[None, :], other=0.0).to(tl.float32)
-    if WEIGHTED:
-        weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
-        if HAS_TOKEN_WEIGHT:
-            token_weight = tl.load(token_weight_ptr + token).to(tl.float32)
-            weights = tl.where(ids >= num_experts, weights * token_weight, weights)
-        y = y * weights[:, None]
-    out = tl.sum(y, axis=0)
-    tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_h, out.to(out_ptr.dtype.element_ty),
-             mask=offs_h < hidden_size)
+    h_mask = offs_h < hidden_size
+    if HAS_TOKEN_WEIGHT:
+        token_weight = tl.load(token_weight_ptr + token).to(tl.float32)
+    out = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        pair = token * TOPK + j
+        slot = tl.load(ids_ptr + pair)
+        valid = (slot >= 0) & (slot < num_slots)
+        y = tl.load(y_ptr + pair.to(tl.int64) * stride_y + offs_h, mask=h_mask & valid, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            weight = tl.load(weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+            if HAS_TOKEN_WEIGHT:
+                weight = tl.where(slot >= num_experts, weight * token_weight, weight)
+            y = y * weight
+        out += y
+    tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_h, out.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 
 def _align_launch(num_pairs: int, num_slots: int) -> tuple[int, int, int, int, int]:
-    """(num_bins, chunk, programs, pairs_per_program, num_warps) of the alignment kernel."""
+    """(num_bins, chunk, programs, pairs_per_program, num_warps) of the alignment kernels."""
     num_bins = max(32, triton.next_power_of_2(num_slots))  # the GPU histogram wants >= one bin per lane
     chunk = min(2048, max(128, triton.next_power_of_2(num_pairs)))
-    # Up to 64 programs: each reads all ids once, so more programs mean more (L2) reads, fewer scatters each.
+    # Up to 64 programs: each reads every program's histogram (64 x bins integers, from L2).
     programs = min(64, triton.cdiv(num_pairs, chunk))
     pairs_per_program = triton.cdiv(triton.cdiv(num_pairs, programs), chunk) * chunk
     programs = triton.cdiv(num_pairs, pairs_per_program)
@@ -437,15 +511,20 @@ def align(ids: torch.Tensor, num_slots: int, block_m: int, stable: bool = False)
     # Each slot's padded segment adds < BLOCK_M rows, and at most min(slots, pairs) slots are active.
     num_blocks = num_pairs // block_m + min(num_slots, num_pairs)
     num_bins, chunk, programs, pairs_per_program, num_warps = _align_launch(num_pairs, num_slots)
-    scratch = torch.empty(num_blocks * block_m + 2 * num_blocks + programs * num_bins + 2 * num_slots,
+    precounted = programs > 1
+    counts_size = programs * num_bins if precounted else 0
+    scratch = torch.empty(num_blocks * block_m + 2 * num_blocks + programs * num_bins + counts_size + 2 * num_slots,
                           dtype=torch.int32, device=ids.device)
-    sorted_pairs, block_expert, block_rows, program_rows, slot_start, slot_rows = scratch.split(
-        [num_blocks * block_m, num_blocks, num_blocks, programs * num_bins, num_slots, num_slots])
+    sorted_pairs, block_expert, block_rows, program_rows, program_counts, slot_start, slot_rows = scratch.split(
+        [num_blocks * block_m, num_blocks, num_blocks, programs * num_bins, counts_size, num_slots, num_slots])
+    if precounted:
+        _align_count_kernel[(programs,)](ids, program_counts, num_pairs, num_slots, pairs_per_program,
+                                         NUM_BINS=num_bins, CHUNK=chunk, num_warps=num_warps)
     _align_kernel[(programs,)](
-        ids, sorted_pairs, block_expert, block_rows, program_rows, slot_start, slot_rows,
+        ids, sorted_pairs, block_expert, block_rows, program_rows, program_counts, slot_start, slot_rows,
         num_pairs, num_slots, num_blocks, pairs_per_program,
-        BLOCK_M=block_m, NUM_BINS=num_bins, CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins), STABLE=stable,
-        num_warps=num_warps,
+        BLOCK_M=block_m, NUM_BINS=num_bins, CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins),
+        COUNTS_CHUNK=max(1, 8192 // num_bins), PRECOUNTED=precounted, STABLE=stable, num_warps=num_warps,
     )
     return Alignment(sorted_pairs, block_expert, block_rows, slot_start, slot_rows, num_blocks, block_m)
 
@@ -472,18 +551,26 @@ def gathered_gate_up_gemm(x, act, projections, alignment: Alignment, topk, gate,
 def scattered_gemm(act, y, alignment: Alignment, down, shared_down, tiles: GemmTiles, group_m: int,
                    act2=None, down2=None, shared_down2=None) -> None:
     """y[pair] = down_e @ act[row] (+ down2_e @ act2[row]) for every row of the alignment; weights
-    [E, N, K] and shared [N, S*K]. The slot size along K is act's width."""
+    [E, N, K] and shared [N, S*K]. The slot size along K is act's width. ``tiles.n_tiles`` > 1 holds all of
+    K resident (a K tile of next_power_of_2(K) <= ``tiles.block_k``) where K is that short and there is
+    one input; elsewhere the K loop runs, one N tile per program."""
     num_experts, hidden_size, inter = down.shape
     two_inputs = act2 is not None
+    resident_k = triton.next_power_of_2(inter)
+    resident = tiles.n_tiles > 1 and not two_inputs and resident_k <= tiles.block_k
+    num_n = triton.cdiv(hidden_size, tiles.block_n)
+    # The N tiles spread evenly over a block's programs (no program loops over fully masked tiles).
+    n_tiles = triton.cdiv(num_n, triton.cdiv(num_n, tiles.n_tiles)) if resident else 1
+    block_k = resident_k if resident else tiles.block_k
     if not two_inputs:  # never dereferenced
         act2, down2, shared_down2 = act, down, shared_down
     launch_gemm(
-        _down_kernel, (alignment.num_blocks * triton.cdiv(hidden_size, tiles.block_n),),
+        _down_kernel, (alignment.num_blocks * triton.cdiv(num_n, n_tiles),),
         act, act2, y, alignment.sorted_pairs, alignment.block_expert, alignment.block_rows,
         down, down2, shared_down, shared_down2,
         alignment.num_blocks, hidden_size, inter, num_experts,
         act.stride(0), *down.stride(), *down2.stride(), *shared_down.stride(), *shared_down2.stride(), y.stride(0),
-        TWO_INPUTS=two_inputs, BLOCK_M=alignment.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        TWO_INPUTS=two_inputs, BLOCK_M=alignment.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k, N_TILES=n_tiles,
         GROUP_M=group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
@@ -492,14 +579,12 @@ def combine(y, out, ids, num_experts: int, num_slots: int, weights=None, token_w
     """out[t] = sum over valid j of weights[t, j] (* token_weight[t] on shared slots) * y[t*K + j];
     an unweighted sum without weights."""
     tokens, hidden_size = out.shape
-    topk = ids.shape[1]
-    block_topk = triton.next_power_of_2(topk)
-    block_h = min(triton.next_power_of_2(hidden_size), max(128, 8192 // block_topk))
+    block_h = min(triton.next_power_of_2(hidden_size), 1024)
     _combine_kernel[(tokens, triton.cdiv(hidden_size, block_h))](
         y, out, ids, ids if weights is None else weights, ids if token_weight is None else token_weight,
-        hidden_size, topk, num_experts, num_slots, y.stride(0), out.stride(0),
-        WEIGHTED=weights is not None, HAS_TOKEN_WEIGHT=token_weight is not None, BLOCK_TOPK=block_topk,
-        BLOCK_H=block_h, num_warps=4,
+        hidden_size, num_experts, num_slots, y.stride(0), out.stride(0),
+        TOPK=ids.shape[1], WEIGHTED=weights is not None, HAS_TOKEN_WEIGHT=token_weight is not None, BLOCK_H=block_h,
+        num_warps=4,
     )
 
 
@@ -522,7 +607,7 @@ def fused_experts_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, s
     if tokens == 0:
         return out
     num_slots = num_experts + num_shared
-    cfg = config or tile_config(tokens * topk, num_slots, hidden.dtype)
+    cfg = config or tile_config(tokens * topk, num_slots, hidden.dtype, resident_k=inter)
     ids = topk_ids.contiguous()  # [T, K] is indexed as pairs t*K + j; a no-op for the router's output
     if num_shared == 0:  # never dereferenced: no id selects a shared slot
         shared_gate, shared_up, shared_down = w_gate[0], w_up[0], w_down[0]

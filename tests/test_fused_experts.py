@@ -377,6 +377,30 @@ def test_cuda_unwritten_memory_never_leaks(dtype, tokens):
     assert_matches_reference(fused_experts(*case.args()), case, reference)
 
 
+def resident_down_config():
+    """Tiles whose down GEMM holds all of K (<= 64) resident, three N tiles per program (the prefill
+    tiles of shapes with a short intermediate size)."""
+    from ops.triton_experts import GemmTiles, TileConfig  # Triton is absent on the CPU CI
+
+    return TileConfig(64, 4, GemmTiles(64, 64, 4, 2), GemmTiles(64, 64, 4, 2, n_tiles=3))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["hf", "transposed"])
+def test_cuda_resident_down_tiles(dtype, layout):
+    # N = 200 is not a multiple of the 3 x 64 columns a program covers; routed and shared slots step
+    # through N with different strides (the "transposed" layout).
+    from ops.triton_experts import fused_experts_triton
+
+    case = make_case(tokens=300, hidden_size=200, inter=40, num_experts=5, topk=3, num_shared=1, dtype=dtype,
+                     device="cuda", layout=layout, token_weight=True)
+    reference = fused_experts_reference(*case.args())
+    poison_cuda_cache()
+    assert_matches_reference(fused_experts_triton(*case.args(), 1, config=resident_down_config()), case, reference)
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_out_of_range_ids_are_ignored():
@@ -466,6 +490,9 @@ def test_triton_interpreted_body():
         num_shared = 0 if case.shared_gate is None else case.shared_gate.shape[0] // case.w_gate.shape[1]
         out = fused_experts_triton(*case.args(), num_shared)
         assert_matches_reference(out, case)
+        resident = resident_down_config()
+        if case.w_down.shape[2] <= resident.down.block_k:
+            assert_matches_reference(fused_experts_triton(*case.args(), num_shared, config=resident), case)
         # Training: the same output, and every pair's gate and up projections written over NaN.
         projections = torch.full((case.topk_ids.numel(), 2 * case.w_gate.shape[1]), float("nan"),
                                  dtype=case.hidden.dtype)
@@ -534,3 +561,18 @@ def test_launch_gemm_steps_down_the_pipeline_until_it_fits():
     assert kernel.launches == [4, 3, 2, 2]
     with pytest.raises(OutOfResources):
         launch_gemm(Kernel(fits=0), (1,), num_stages=2, BLOCK=32)
+
+
+def test_resident_down_tiles_only_where_the_intermediate_size_fits():
+    """The forward's down GEMM holds K resident at prefill sizes when I fits the resident tile; wider
+    I (expert-parallel shapes), decode sizes and the backward (no resident_k) keep the K loop."""
+    pytest.importorskip("triton")
+    from ops.triton_experts import tile_config
+
+    prefill, decode, slots = 16384 * 9, 9, 257
+    resident = tile_config(prefill, slots, torch.bfloat16, resident_k=256).down
+    assert resident.n_tiles > 1 and resident.block_k >= 256
+    assert tile_config(prefill, slots, torch.bfloat16, resident_k=2048).down.n_tiles == 1
+    assert tile_config(prefill, slots, torch.bfloat16).down.n_tiles == 1
+    assert tile_config(decode, slots, torch.bfloat16, resident_k=256).down.n_tiles == 1
+    assert tile_config(prefill, slots, torch.float32, resident_k=256).down.n_tiles == 1

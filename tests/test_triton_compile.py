@@ -25,7 +25,7 @@ from ops import triton_gate_backward as gate_backward  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 INT32_POINTERS = {"sorted_pairs_ptr", "block_expert_ptr", "block_rows_ptr", "slot_start_ptr", "slot_rows_ptr",
-                  "scratch_ptr"}
+                  "scratch_ptr", "program_counts_ptr"}
 FLOAT32_POINTERS = {"dp_part_ptr", "pair_weight_ptr", "row_scale_ptr", "weights_ptr", "token_weight_ptr",
                     "grad_weights_ptr"}
 
@@ -54,7 +54,7 @@ TABLES = {"*bf16": forward._TILES_16BIT, "*fp32": forward._TILES_FP32}
 
 @pytest.mark.parametrize("dtype", sorted(TABLES))
 def test_gemm_kernels_compile_for_every_tile_row(dtype):
-    for _, block_m, group_m, gate_up, down in TABLES[dtype]:
+    for _, block_m, group_m, gate_up, down, resident_down in TABLES[dtype]:
         common = dict(BLOCK_M=block_m, GROUP_M=group_m)
         gate_up_meta = dict(common, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k)
         for save in (True, False):
@@ -64,7 +64,11 @@ def test_gemm_kernels_compile_for_every_tile_row(dtype):
                            **gate_up_meta)
         for two_inputs in (True, False):
             compile_for_hopper(forward._down_kernel, dtype, down.num_warps, down.num_stages, TWO_INPUTS=two_inputs,
-                               BLOCK_N=down.block_n, BLOCK_K=down.block_k, **common)
+                               BLOCK_N=down.block_n, BLOCK_K=down.block_k, N_TILES=1, **common)
+        if resident_down is not None:
+            compile_for_hopper(forward._down_kernel, dtype, resident_down.num_warps, resident_down.num_stages,
+                               TWO_INPUTS=False, BLOCK_N=resident_down.block_n, BLOCK_K=resident_down.block_k,
+                               N_TILES=resident_down.n_tiles, **common)
 
 
 @pytest.mark.parametrize("dtype", sorted(TABLES))
@@ -82,12 +86,14 @@ def test_weight_gradient_kernel_compiles(dtype):
 def test_alignment_and_combine_kernels_compile(ids):
     for num_pairs, num_slots in ((9, 257), (147456, 257), (4096, 513)):
         num_bins, chunk, _, _, num_warps = forward._align_launch(num_pairs, num_slots)
-        for stable in (True, False):
+        compile_for_hopper(forward._align_count_kernel, "*i32", num_warps, ids=ids, NUM_BINS=num_bins, CHUNK=chunk)
+        for stable, precounted in itertools.product((True, False), (True, False)):
             compile_for_hopper(forward._align_kernel, "*i32", num_warps, ids=ids, BLOCK_M=64, NUM_BINS=num_bins,
-                               CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins), STABLE=stable)
+                               CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins),
+                               COUNTS_CHUNK=max(1, 8192 // num_bins), PRECOUNTED=precounted, STABLE=stable)
     for weighted in (True, False):
         compile_for_hopper(forward._combine_kernel, "*bf16", 4, ids=ids, WEIGHTED=weighted, HAS_TOKEN_WEIGHT=weighted,
-                           BLOCK_TOPK=16, BLOCK_H=512)
+                           TOPK=9, BLOCK_H=1024)
 
 
 @pytest.mark.parametrize("dtype", ["*fp32", "*bf16", "*fp16"])
