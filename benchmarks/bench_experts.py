@@ -10,14 +10,16 @@ DeepSeek-V3 per-GPU shapes, bfloat16, three variants on the same inputs in the s
 - ours routed + MLP: ``ops.fused_experts`` on the routed experts only, plus the same shared MLP.
 
 Every variant is captured in a CUDA graph and timed by CUDA events around graph replays (median);
-each graph runs the variant on several input sets with different routing, so that the weights one
-replay touches exceed the L2 cache. The floors are measured in the same run: the weight bytes a call
-must read over the device-to-device copy bandwidth, and its FLOPs over a 8192^3 bf16 ``torch.mm``.
+each graph runs the variant on 8 input sets with different routing, so that the weights one replay
+touches exceed the L2 cache and the replay's launch is spread over 8 calls. The floors are measured in
+the same run: the weight bytes a call must read over the device-to-device copy bandwidth, and its FLOPs
+over a 8192^3 bf16 ``torch.mm``.
 Every variant is checked against the float32 reference first; a mismatch stops the run.
 
     python benchmarks/bench_experts.py            # TP-8 and EP shapes, T = 1 .. 16384
     python benchmarks/bench_experts.py --quick    # a short sanity run
     python benchmarks/bench_experts.py --tune     # search tiles around ops.triton_experts.tile_config
+    python benchmarks/bench_experts.py --decode-paths   # direct vs sorted path at decode sizes
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from triton.runtime.errors import OutOfResources
 
 import ops
 from ops.reference import fused_experts_reference
-from ops.triton_experts import TileConfig, fused_experts_triton, tile_config
+from ops.triton_experts import DIRECT_MAX_PAIRS, TileConfig, direct_config, fused_experts_triton, tile_config
 
 # name: (H, I, E, K, S)
 SHAPES = {
@@ -44,6 +46,9 @@ SHAPES = {
 TOKENS = [1, 8, 64, 512, 4096, 16384]
 QUICK_TOKENS = [1, 512]
 CHECK_TOKENS = 256
+# Input sets per CUDA graph: their routings touch more weights than the L2 holds (99 MB of slots even at
+# TP8 T=1, against 50-60 MiB), and the replay's own launch is spread over as many calls.
+GRAPH_BATCHES = 8
 
 
 @dataclass
@@ -179,10 +184,8 @@ def bench(shape_names, tokens_list) -> None:
         slot_bytes = 3 * inter * hidden_size * 2
         for tokens in tokens_list:
             first = make_batch(tokens, hidden_size, num_experts, topk, num_shared, "cuda", gen)
-            touched = first.fused_ids.unique().numel() * slot_bytes
-            count = max(1, min(8, math.ceil(3 * props.L2_cache_size / touched)))
             batches = [first] + [make_batch(tokens, hidden_size, num_experts, topk, num_shared, "cuda", gen)
-                                 for _ in range(count - 1)]
+                                 for _ in range(GRAPH_BATCHES - 1)]
             check(name, fns, w, first, reference=fns["grouped_mm+MLP"](first), tolerance=2e-2)
             times = {variant: time_in_graph_us(fn, batches, replays=20) for variant, fn in fns.items()}
             weight_bytes = statistics.mean(b.fused_ids.unique().numel() for b in batches) * slot_bytes
@@ -195,6 +198,13 @@ def bench(shape_names, tokens_list) -> None:
             del batches, first
         del w, fns
         torch.cuda.empty_cache()
+
+
+def fused_call(w: Weights, num_shared: int, cfg: TileConfig):
+    """Ours (routed + shared slots) with the tile configuration ``cfg``, as a function of a batch."""
+    gate, up, down = w.routed_views
+    return lambda b: fused_experts_triton(b.hidden, b.fused_weights, b.fused_ids, gate, up, down, w.shared_gate,
+                                          w.shared_up, w.shared_down, None, num_shared, cfg)
 
 
 # Coordinate search: (field, sub-field or None, values), tried in this order on the best config so far.
@@ -214,55 +224,94 @@ def tune_one(name: str, w: Weights, tokens: int, generator) -> None:
     """Greedy coordinate search over the tiles of the fused call, one field at a time, starting from the
     table's choice; prints the best configuration (to update tile_config by hand)."""
     hidden_size, inter, num_experts, topk, num_shared = SHAPES[name]
-    gate, up, down = w.routed_views
     batches = [make_batch(tokens, hidden_size, num_experts, topk, num_shared, "cuda", generator) for _ in range(4)]
-
-    def run(cfg):
-        return lambda b: fused_experts_triton(b.hidden, b.fused_weights, b.fused_ids, gate, up, down, w.shared_gate,
-                                              w.shared_up, w.shared_down, None, num_shared, cfg)
 
     def measure(cfg) -> float:
         try:
-            return time_in_graph_us(run(cfg), batches, replays=10)
+            return time_in_graph_us(fused_call(w, num_shared, cfg), batches, replays=10)
         except OutOfResources:  # shared memory of too many stages
             return math.inf
 
-    table = tile_config(tokens * (topk + num_shared), num_experts + num_shared, torch.bfloat16, resident_k=inter)
+    table = tile_config(tokens * (topk + num_shared), num_experts + num_shared, torch.bfloat16, resident_k=inter,
+                        direct=True)
     best, best_time = table, measure(table)
     table_time = best_time
     for field, key, values in TUNED_FIELDS:
+        if table.direct and (key is None or key == "n_tiles"):  # the direct path has one row per block
+            continue
         for value in values:
             candidate = with_value(best, field, key, value)
             if candidate != best and (elapsed := measure(candidate)) < best_time:
                 best, best_time = candidate, elapsed
-    error = relative_error(run(best)(batches[0]), run(table)(batches[0]))
+    error = relative_error(fused_call(w, num_shared, best)(batches[0]), fused_call(w, num_shared, table)(batches[0]))
     if not error <= 1e-2:
         raise SystemExit(f"MISMATCH: {name} T={tokens} {best}: relative error {error:.3e}")
     print(f"{name} T={tokens}: table {table_time:.1f} us, best {best_time:.1f} us ({table_time / best_time:.2f}x)\n"
           f"    table {table}\n    best  {best}", flush=True)
 
 
-def tune(shape_names, tokens_list) -> None:
-    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+DECODE_PATH_TOKENS = [1, 2, 3, 4, 8]
+
+
+def over_shapes(shape_names, tokens_list, measure_one) -> None:
+    """measure_one(name, weights, tokens, generator) for every shape and token count, one shape's weights
+    in memory at a time."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name in shape_names:
         hidden_size, inter, num_experts, _, num_shared = SHAPES[name]
         w = make_weights(hidden_size, inter, num_experts, num_shared, "cuda", gen)
         for tokens in tokens_list:
-            tune_one(name, w, tokens, gen)
+            measure_one(name, w, tokens, gen)
         del w
         torch.cuda.empty_cache()
+
+
+def compare_paths(name: str, w: Weights, tokens: int, generator) -> None:
+    """One row of decode_paths."""
+    hidden_size, inter, num_experts, topk, num_shared = SHAPES[name]
+    batches = [make_batch(tokens, hidden_size, num_experts, topk, num_shared, "cuda", generator)
+               for _ in range(GRAPH_BATCHES)]
+    num_pairs = tokens * (topk + num_shared)
+    configs = {"sorted": tile_config(num_pairs, num_experts + num_shared, torch.bfloat16, resident_k=inter),
+               "direct": direct_config(torch.bfloat16)}
+    fns = {path: fused_call(w, num_shared, cfg) for path, cfg in configs.items()}
+    error = relative_error(fns["direct"](batches[0]), fns["sorted"](batches[0]))
+    if not error <= 1e-2:
+        raise SystemExit(f"MISMATCH: {name} T={tokens} direct vs sorted: relative error {error:.3e}")
+    times = {path: time_in_graph_us(fn, batches, replays=20) for path, fn in fns.items()}
+    print(f"{name:<5} {tokens:>3} {num_pairs:>5} {times['sorted']:>8.1f} {times['direct']:>8.1f} "
+          f"{times['sorted'] / times['direct']:>13.2f}", flush=True)
+
+
+def decode_paths(shape_names) -> None:
+    """The direct path (ops.triton_experts.direct_config) against the sorted path (alignment, GEMMs,
+    combine; the table's tiles) at decode sizes, same inputs, same run: where DIRECT_MAX_PAIRS comes from."""
+    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}; direct path up to "
+          f"{DIRECT_MAX_PAIRS} pairs by default. us per call, CUDA graphs, median", flush=True)
+    print(f"{'shape':<5} {'T':>3} {'pairs':>5} {'sorted':>8} {'direct':>8} {'sorted/direct':>13}", flush=True)
+    over_shapes(shape_names, DECODE_PATH_TOKENS, compare_paths)
+
+
+def tune(shape_names, tokens_list) -> None:
+    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    over_shapes(shape_names, tokens_list, tune_one)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"only T in {QUICK_TOKENS}")
     parser.add_argument("--tune", action="store_true", help="search tile configurations instead (minutes)")
+    parser.add_argument("--decode-paths", action="store_true",
+                        help=f"direct vs sorted path at T in {DECODE_PATH_TOKENS} instead")
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default: all, or --quick's)")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_experts needs a CUDA device")
-    (tune if args.tune else bench)(args.shapes, QUICK_TOKENS if args.quick else TOKENS)
+    if args.decode_paths:
+        decode_paths(args.shapes)
+        return
+    (tune if args.tune else bench)(args.shapes, args.tokens or (QUICK_TOKENS if args.quick else TOKENS))
 
 
 if __name__ == "__main__":

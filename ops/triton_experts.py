@@ -1,6 +1,6 @@
 """Triton kernels of ``moe_fusion::fused_experts`` and ``fused_experts_train`` (the CUDA implementation).
 
-Four or five launches, no host synchronisation (every size is an upper bound computed from shapes, so
+Two, four or five launches, no host synchronisation (every size is an upper bound computed from shapes, so
 the whole op can be captured in a CUDA graph):
 
 1. ``_align_kernel`` sorts the T*K (token, slot) pairs by expert slot and pads each slot's segment to a
@@ -16,6 +16,11 @@ the whole op can be captured in a CUDA graph):
    resident where the intermediate size is short (I <= 256); each output row goes to the row of its
    (token, slot) pair.
 4. ``_combine_kernel``: per token, the weighted sum over its K pairs in float32, in a fixed order.
+
+Decode calls of at most DIRECT_MAX_PAIRS pairs whose intermediate size fits one K tile (batch-1 decode at
+TP8) take the direct path instead, two launches: every pair is its own block (no alignment), and ``_direct_down_kernel`` runs the down GEMM of a token's pairs one
+after the other and sums them in registers, in the combine's order (no combine launch, no [T*K, H]
+buffer).
 
 Why a separate, deterministic combine rather than float32 atomics into a [T, H] buffer: the K rows of
 a token are produced by K different experts at unrelated times, so with atomics every contribution
@@ -62,6 +67,10 @@ class TileConfig(NamedTuple):
     group_m: int  # blocks that walk the N tiles together, for L2 reuse of the weight tiles
     gate_up: GemmTiles
     down: GemmTiles
+    # Decode: every (token, slot) pair is its own block (row 0 of BLOCK_M), so no alignment kernel runs,
+    # and the down GEMM sums each token's pairs in registers, so no combine kernel runs (see
+    # _direct_down_kernel). The forward only.
+    direct: bool = False
 
 
 # Chosen for H100/H200 by the average number of rows per active expert slot. Few rows (decode): the
@@ -86,9 +95,36 @@ _TILES_FP32 = (
 )
 
 
-def tile_config(num_pairs: int, num_slots: int, dtype: torch.dtype, resident_k: int | None = None) -> TileConfig:
+# The direct path (TileConfig.direct) for forward calls of at most this many pairs whose intermediate size
+# fits the direct down tile (all of K resident): batch-1 decode (DeepSeek-V3: 8 routed + 1 shared pairs).
+# Measured on an H100 with the tiles below (bench_experts.py --decode-paths, TP8, sorted path / direct
+# path, same run): 1.26x at T=1 (51.0 -> 40.6 us), 0.97x at T=2, 1.02x at T=3, 0.95x at T=4; EP (I=2048, a
+# K loop per pair) 0.98x at T=1 with the first tiles and worse above. Each pair reads its slot's weights
+# itself, so a slot picked by several tokens is read several times (from L2 after the first), which is
+# what loses above one token.
+DIRECT_MAX_PAIRS = 16
+# (gate_up, down) tiles of the direct path (bench_experts.py --tune at TP8 T=1: 46.1 -> 40.6 us from
+# (32, 128, 4, 4) and (32, 256, 4, 3)). The down tiles' BLOCK_K is capped at next_power_of_2(I); an I
+# above it takes a K loop per pair (direct_config forced on such shapes: tests, benchmarks).
+_DIRECT_16BIT = (GemmTiles(32, 256, 4, 4), GemmTiles(32, 256, 4, 5))
+_DIRECT_FP32 = (GemmTiles(32, 32, 4, 2), GemmTiles(32, 32, 4, 2))
+
+
+def direct_config(dtype: torch.dtype) -> TileConfig:
+    """The direct path's configuration (tile_config picks it for small forward calls)."""
+    return TileConfig(16, 1, *(_DIRECT_FP32 if dtype == torch.float32 else _DIRECT_16BIT), direct=True)
+
+
+def tile_config(num_pairs: int, num_slots: int, dtype: torch.dtype, resident_k: int | None = None,
+                direct: bool = False) -> TileConfig:
     """The launch configuration for ``num_pairs`` (token, slot) pairs over ``num_slots`` expert slots;
-    with ``resident_k`` (the down GEMM's K, one input) the row's resident down tiles where they hold it."""
+    with ``resident_k`` (the down GEMM's K, one input) the row's resident down tiles where they hold it;
+    with ``direct`` (the caller runs the forward; needs ``resident_k``) the direct path up to
+    DIRECT_MAX_PAIRS pairs where the intermediate size fits its down tile."""
+    if direct and num_pairs <= DIRECT_MAX_PAIRS and resident_k is not None:
+        config = direct_config(dtype)
+        if resident_k <= config.down.block_k:
+            return config
     rows_per_slot = num_pairs / max(1, min(num_slots, num_pairs))
     table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
     for max_rows, block_m, group_m, gate_up, down, resident_down in table:
@@ -306,6 +342,20 @@ def program_block(num_blocks, num_n, block_expert_ptr, block_rows_ptr, BLOCK_M: 
 
 
 @triton.jit
+def pair_block(num_n, ids_ptr, num_slots, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """program_block of the direct path: block b is pair b alone, in row 0 of BLOCK_M rows (the tensor
+    cores' minimum; the others are masked), of slot ids[b] (-1 outside [0, num_slots)). Returns (slot,
+    rows = pair + offsets, row mask, N tile, the tile's offsets)."""
+    pid = tl.program_id(0)
+    pair = pid // num_n
+    tile_n = pid % num_n
+    slot = tl.load(ids_ptr + pair)
+    offs_m = tl.arange(0, BLOCK_M)
+    return (tl.where((slot >= 0) & (slot < num_slots), slot, -1), pair + offs_m, offs_m == 0, tile_n,
+            tile_n * BLOCK_N + tl.arange(0, BLOCK_N))
+
+
+@triton.jit
 def gathered_gate_up(
     x_ptr, stride_xt, stride_xh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, hidden_size,
     gate_ptr, stride_ge, stride_gn, stride_gk, up_ptr, stride_ue, stride_un, stride_uk,
@@ -334,20 +384,29 @@ def gathered_gate_up(
 def _gate_up_kernel(
     x_ptr, act_ptr, proj_ptr, sorted_pairs_ptr, block_expert_ptr, block_rows_ptr,
     gate_ptr, up_ptr, shared_gate_ptr, shared_up_ptr,
-    num_blocks, hidden_size, inter, topk, num_experts,
+    num_blocks, hidden_size, inter, topk, num_experts, num_slots,
     stride_xt, stride_xh,
     stride_ge, stride_gn, stride_gk, stride_ue, stride_un, stride_uk,
     stride_sgn, stride_sgk, stride_sun, stride_suk,
     stride_act, stride_proj,
-    SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SAVE: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """act[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) for the rows of each expert-aligned block.
-    SAVE (training): also proj[pair] = [gate, up], rounded to hidden's dtype, for the backward."""
-    expert, rows, row_mask, _, offs_n = program_block(num_blocks, tl.cdiv(inter, BLOCK_N), block_expert_ptr,
-                                                      block_rows_ptr, BLOCK_M, BLOCK_N, GROUP_M)
+    SAVE (training): also proj[pair] = [gate, up], rounded to hidden's dtype, for the backward.
+    DIRECT: block b is pair b (pair_block; block_expert_ptr is the ids) and act's row is the pair."""
+    num_n = tl.cdiv(inter, BLOCK_N)
+    if DIRECT:
+        expert, rows, row_mask, _, offs_n = pair_block(num_n, block_expert_ptr, num_slots, BLOCK_M, BLOCK_N)
+    else:
+        expert, rows, row_mask, _, offs_n = program_block(num_blocks, num_n, block_expert_ptr, block_rows_ptr,
+                                                          BLOCK_M, BLOCK_N, GROUP_M)
     if expert < 0:
         return
-    pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
+    if DIRECT:
+        pairs = rows
+    else:
+        pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
     gate, up = gathered_gate_up(
         x_ptr, stride_xt, stride_xh, pairs, row_mask, offs_n, expert, topk, num_experts, inter, hidden_size,
         gate_ptr, stride_ge, stride_gn, stride_gk, up_ptr, stride_ue, stride_un, stride_uk,
@@ -441,8 +500,7 @@ def _combine_kernel(
     token = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < hidden_size
-    if HAS_TOKEN_WEIGHT:
-        token_weight = tl.load(token_weight_ptr + token).to(tl.float32)
+    token_weight = shared_token_weight(token_weight_ptr, token, HAS_TOKEN_WEIGHT)
     out = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOPK):
         pair = token * TOPK + j
@@ -450,12 +508,70 @@ def _combine_kernel(
         valid = (slot >= 0) & (slot < num_slots)
         y = tl.load(y_ptr + pair.to(tl.int64) * stride_y + offs_h, mask=h_mask & valid, other=0.0).to(tl.float32)
         if WEIGHTED:
-            weight = tl.load(weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
-            if HAS_TOKEN_WEIGHT:
-                weight = tl.where(slot >= num_experts, weight * token_weight, weight)
-            y = y * weight
+            y = y * pair_weight(weights_ptr, pair, slot, valid, num_experts, token_weight, HAS_TOKEN_WEIGHT)
         out += y
     tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_h, out.to(out_ptr.dtype.element_ty), mask=h_mask)
+
+
+@triton.jit
+def shared_token_weight(token_weight_ptr, token, HAS_TOKEN_WEIGHT: tl.constexpr):
+    """The token's weight on the shared slots (1 without a per-token shared weight)."""
+    if HAS_TOKEN_WEIGHT:
+        return tl.load(token_weight_ptr + token).to(tl.float32)
+    return 1.0
+
+
+@triton.jit
+def pair_weight(weights_ptr, pair, slot, valid, num_experts, token_weight, HAS_TOKEN_WEIGHT: tl.constexpr):
+    """A pair's weight in its token's sum: topk_weights[pair] (0 for an invalid pair), times the token's
+    shared weight on shared slots."""
+    weight = tl.load(weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+    if HAS_TOKEN_WEIGHT:
+        weight = tl.where(slot >= num_experts, weight * token_weight, weight)
+    return weight
+
+
+@triton.jit
+def _direct_down_kernel(
+    act_ptr, out_ptr, ids_ptr, weights_ptr, token_weight_ptr, down_ptr, shared_down_ptr,
+    hidden_size, inter, num_experts, num_slots,
+    stride_act, stride_de, stride_dn, stride_dk, stride_sdn, stride_sdk, stride_out,
+    TOPK: tl.constexpr, HAS_TOKEN_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
+):
+    """The direct path's down GEMM and combine in one: out[t] = sum_j w[t, j] * (down_e @ act[t*K + j]),
+    e the slot of pair t*K + j, for one N tile of one token per program.
+
+    One pipelined loop runs over the token's (pair, K tile) steps, K_TILES = cdiv(I, BLOCK_K) per pair;
+    each pair's row sits in row 0 of a BLOCK_M tile. After a pair's last K tile its row is rounded to
+    hidden's dtype, weighted and added in pair order, as _combine_kernel adds the rows the sorted path
+    stores, so both paths give a token the same sum of the same rounded rows."""
+    num_n = tl.cdiv(hidden_size, BLOCK_N)
+    token = tl.program_id(0) // num_n
+    offs_n = (tl.program_id(0) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hidden_size
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    token_weight = shared_token_weight(token_weight_ptr, token, HAS_TOKEN_WEIGHT)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for step in range(TOPK * K_TILES):
+        pair = token * TOPK + step // K_TILES
+        k0 = (step % K_TILES) * BLOCK_K
+        slot = tl.load(ids_ptr + pair)
+        valid = (slot >= 0) & (slot < num_slots)
+        w_ptrs, w_k = slot_tile_ptrs(tl.where(valid, slot, 0), num_experts, inter, down_ptr, stride_de, stride_dn,
+                                     stride_dk, shared_down_ptr, stride_sdn, stride_sdk, offs_n, offs_k, False)
+        k_mask = (offs_k < inter - k0) & valid
+        a_ptrs = act_ptr + pair.to(tl.int64) * stride_act + k0 + offs_k[None, :] + offs_m[:, None] * 0
+        a = tl.load(a_ptrs, mask=(offs_m == 0)[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0 * w_k, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision="ieee")
+        if step % K_TILES == K_TILES - 1:
+            y = tl.sum(tl.where(offs_m[:, None] == 0, acc, 0.0), axis=0).to(out_ptr.dtype.element_ty).to(tl.float32)
+            out += y * pair_weight(weights_ptr, pair, slot, valid, num_experts, token_weight, HAS_TOKEN_WEIGHT)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 def _align_launch(num_pairs: int, num_slots: int) -> tuple[int, int, int, int, int]:
@@ -529,21 +645,35 @@ def align(ids: torch.Tensor, num_slots: int, block_m: int, stable: bool = False)
     return Alignment(sorted_pairs, block_expert, block_rows, slot_start, slot_rows, num_blocks, block_m)
 
 
-def gathered_gate_up_gemm(x, act, projections, alignment: Alignment, topk, gate, up, shared_gate, shared_up,
-                          tiles: GemmTiles, group_m: int) -> None:
-    """act[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) for every row of the alignment (token =
-    pair // topk, e its slot; weights [E, I, H], shared [S*I, H]), and with `projections` [T*K, 2I] also
-    projections[pair] = [gate_e @ x[token], up_e @ x[token]]."""
+class PairBlocks(NamedTuple):
+    """The direct path's blocks: pair b of ``ids`` [T, K] is block b, alone in row 0 of ``block_m`` rows
+    (see pair_block); ids outside [0, num_slots) are left out."""
+
+    ids: torch.Tensor
+    num_slots: int
+    block_m: int
+
+
+def gathered_gate_up_gemm(x, act, projections, blocks: Alignment | PairBlocks, topk, gate, up, shared_gate,
+                          shared_up, tiles: GemmTiles, group_m: int) -> None:
+    """act[row] = silu(gate_e @ x[token]) * (up_e @ x[token]) for every row of the blocks (token =
+    pair // topk, e its slot; weights [E, I, H], shared [S*I, H]; PairBlocks: row = pair), and with
+    `projections` [T*K, 2I] also projections[pair] = [gate_e @ x[token], up_e @ x[token]]."""
     num_experts, inter, hidden_size = gate.shape
     save = projections is not None
+    direct = isinstance(blocks, PairBlocks)
+    if direct:  # the kernel reads the slots from the ids and nothing else of an alignment
+        tables, num_blocks, num_slots = (blocks.ids,) * 3, blocks.ids.numel(), blocks.num_slots
+    else:
+        tables = blocks.sorted_pairs, blocks.block_expert, blocks.block_rows
+        num_blocks, num_slots = blocks.num_blocks, blocks.slot_start.numel()
     launch_gemm(
-        _gate_up_kernel, (alignment.num_blocks * triton.cdiv(inter, tiles.block_n),),
-        x, act, projections if save else act, alignment.sorted_pairs, alignment.block_expert, alignment.block_rows,
-        gate, up, shared_gate, shared_up,
-        alignment.num_blocks, hidden_size, inter, topk, num_experts,
+        _gate_up_kernel, (num_blocks * triton.cdiv(inter, tiles.block_n),),
+        x, act, projections if save else act, *tables, gate, up, shared_gate, shared_up,
+        num_blocks, hidden_size, inter, topk, num_experts, num_slots,
         *x.stride(), *gate.stride(), *up.stride(), *shared_gate.stride(), *shared_up.stride(), act.stride(0),
         projections.stride(0) if save else 0,
-        SAVE=save, BLOCK_M=alignment.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        SAVE=save, DIRECT=direct, BLOCK_M=blocks.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         GROUP_M=group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
@@ -588,6 +718,23 @@ def combine(y, out, ids, num_experts: int, num_slots: int, weights=None, token_w
     )
 
 
+def direct_down_combine(act, out, ids, weights, token_weight, down, shared_down, num_slots: int,
+                        tiles: GemmTiles, block_m: int) -> None:
+    """The direct path after the gate/up GEMM: out[t] = sum over valid j of weights[t, j] (* token_weight[t]
+    on shared slots) * down_e @ act[t*K + j] (see _direct_down_kernel)."""
+    tokens, hidden_size = out.shape
+    num_experts, _, inter = down.shape
+    block_k = min(tiles.block_k, triton.next_power_of_2(inter))
+    launch_gemm(
+        _direct_down_kernel, (tokens * triton.cdiv(hidden_size, tiles.block_n),),
+        act, out, ids, weights, ids if token_weight is None else token_weight, down, shared_down,
+        hidden_size, inter, num_experts, num_slots,
+        act.stride(0), *down.stride(), *shared_down.stride(), out.stride(0),
+        TOPK=ids.shape[1], HAS_TOKEN_WEIGHT=token_weight is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=block_k, K_TILES=triton.cdiv(inter, block_k), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
 def on_device(device: torch.device):
     """Launches go to `device`'s stream (a CPU device here is Triton's interpreter, which the tests use)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -595,7 +742,8 @@ def on_device(device: torch.device):
 
 def fused_experts_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
                          shared_token_weight, num_shared, config: TileConfig | None = None, projections_out=None):
-    """Runs the four kernels; the arguments are already checked (ops.experts.check_experts_args).
+    """Runs the kernels (two on the direct path, else four or five); the arguments are already checked
+    (ops.experts.check_experts_args).
 
     ``config`` overrides ``tile_config`` (for tuning: benchmarks/bench_experts.py --tune);
     ``projections_out`` [T*K, 2I] receives each pair's gate and up projections (training).
@@ -607,17 +755,25 @@ def fused_experts_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, s
     if tokens == 0:
         return out
     num_slots = num_experts + num_shared
-    cfg = config or tile_config(tokens * topk, num_slots, hidden.dtype, resident_k=inter)
+    cfg = config or tile_config(tokens * topk, num_slots, hidden.dtype, resident_k=inter, direct=True)
     ids = topk_ids.contiguous()  # [T, K] is indexed as pairs t*K + j; a no-op for the router's output
     if num_shared == 0:  # never dereferenced: no id selects a shared slot
         shared_gate, shared_up, shared_down = w_gate[0], w_up[0], w_down[0]
+    weights = topk_weights.contiguous()
+    token_weight = None if shared_token_weight is None else shared_token_weight.contiguous()
     with on_device(hidden.device):
+        if cfg.direct:
+            act = hidden.new_empty(tokens * topk, inter)
+            gathered_gate_up_gemm(hidden, act, projections_out, PairBlocks(ids, num_slots, cfg.block_m), topk, w_gate,
+                                  w_up, shared_gate, shared_up, cfg.gate_up, cfg.group_m)
+            direct_down_combine(act, out, ids, weights, token_weight, w_down, shared_down, num_slots, cfg.down,
+                                cfg.block_m)
+            return out
         alignment = align(ids, num_slots, cfg.block_m)
         act = hidden.new_empty(alignment.num_blocks * cfg.block_m, inter)
         gathered_gate_up_gemm(hidden, act, projections_out, alignment, topk, w_gate, w_up, shared_gate, shared_up,
                               cfg.gate_up, cfg.group_m)
         y = hidden.new_empty(tokens * topk, hidden_size)
         scattered_gemm(act, y, alignment, w_down, shared_down, cfg.down, cfg.group_m)
-        token_weight = None if shared_token_weight is None else shared_token_weight.contiguous()
-        combine(y, out, ids, num_experts, num_slots, topk_weights.contiguous(), token_weight)
+        combine(y, out, ids, num_experts, num_slots, weights, token_weight)
     return out

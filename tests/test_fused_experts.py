@@ -403,6 +403,34 @@ def test_cuda_resident_down_tiles(dtype, layout):
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_direct_path(dtype, layout):
+    """The direct path (no alignment, the combine inside the down GEMM) against the reference and the
+    sorted path, at the sizes the table sends it (T*K <= DIRECT_MAX_PAIRS) and above; with repeated and
+    out-of-range ids, two shared slots and a per-token shared weight; I = 300 takes a K loop per pair,
+    I = 40 one K tile."""
+    from ops.triton_experts import direct_config, fused_experts_triton, tile_config
+
+    for tokens, inter, num_experts in ((1, 40, 16), (3, 300, 5), (40, 40, 16)):
+        case = make_case(tokens=tokens, hidden_size=200, inter=inter, num_experts=num_experts, topk=6, num_shared=2,
+                         dtype=dtype, device="cuda", layout=layout, ids_dtype=torch.int64, token_weight=True,
+                         seed=tokens)
+        bad = case.topk_ids.clone()
+        bad[0, 1], bad[-1, 2] = -1, 2**33 + 1
+        case = case.replace(topk_ids=bad)
+        reference = fused_experts_reference(*case.args())
+        sorted_config = tile_config(bad.numel(), num_experts + 2, dtype)
+        poison_cuda_cache()
+        direct = fused_experts_triton(*case.args(), 2, config=direct_config(dtype))
+        assert_matches_reference(direct, case, reference)
+        sorted_path = fused_experts_triton(*case.args(), 2, config=sorted_config)
+        # The same rounded rows summed in the same order: equal up to the two GEMMs' tiles.
+        torch.testing.assert_close(direct, sorted_path, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@requires_cuda
+@pytest.mark.cuda
 def test_cuda_out_of_range_ids_are_ignored():
     case = make_case(tokens=50, num_experts=8, topk=3, num_shared=1, device="cuda", ids_dtype=torch.int64)
     bad = case.topk_ids.clone()
@@ -473,7 +501,7 @@ def test_triton_kernels_interpreted():
 @interpreted_only
 def test_triton_interpreted_body():
     patch_interpreter_for_numpy_2_4()
-    from ops.triton_experts import fused_experts_triton
+    from ops.triton_experts import direct_config, fused_experts_triton, tile_config
 
     # The interpreter has no bfloat16 tl.dot (it multiplies the raw bits), so float32 and float16 only.
     cases = [
@@ -488,18 +516,21 @@ def test_triton_interpreted_body():
     ]
     for case in cases:
         num_shared = 0 if case.shared_gate is None else case.shared_gate.shape[0] // case.w_gate.shape[1]
-        out = fused_experts_triton(*case.args(), num_shared)
-        assert_matches_reference(out, case)
-        resident = resident_down_config()
-        if case.w_down.shape[2] <= resident.down.block_k:
-            assert_matches_reference(fused_experts_triton(*case.args(), num_shared, config=resident), case)
-        # Training: the same output, and every pair's gate and up projections written over NaN.
-        projections = torch.full((case.topk_ids.numel(), 2 * case.w_gate.shape[1]), float("nan"),
-                                 dtype=case.hidden.dtype)
-        assert torch.equal(fused_experts_triton(*case.args(), num_shared, projections_out=projections), out)
-        want = pair_projections(case.hidden, case.topk_ids, case.w_gate, case.w_up, case.w_down, case.shared_gate,
-                                case.shared_up)
-        torch.testing.assert_close(projections.float(), want, rtol=2e-3, atol=2e-3)
+        num_pairs, num_slots = case.topk_ids.numel(), case.w_gate.shape[0] + num_shared
+        configs = [None, tile_config(num_pairs, num_slots, case.hidden.dtype)]  # the table's, the sorted path
+        if case.w_down.shape[2] <= resident_down_config().down.block_k:
+            configs.append(resident_down_config())
+        if case.hidden.shape[0] < 100:  # the direct path (table: the first case only) at more pairs too
+            configs.append(direct_config(case.hidden.dtype))
+        for config in configs:
+            out = fused_experts_triton(*case.args(), num_shared, config=config)
+            assert_matches_reference(out, case)
+            # Training: the same output, and every pair's gate and up projections written over NaN.
+            projections = torch.full((num_pairs, 2 * case.w_gate.shape[1]), float("nan"), dtype=case.hidden.dtype)
+            assert torch.equal(fused_experts_triton(*case.args(), num_shared, config, projections), out)
+            want = pair_projections(case.hidden, case.topk_ids, case.w_gate, case.w_up, case.w_down, case.shared_gate,
+                                    case.shared_up)
+            torch.testing.assert_close(projections.float(), want, rtol=2e-3, atol=2e-3)
 
     for tokens, topk, num_slots in ((1, 3, 5), (700, 4, 9), (1100, 2, 3)):  # 2800, 2200 pairs: two programs
         ids = torch.randint(-1, num_slots + 1, (tokens, topk), generator=torch.Generator().manual_seed(0))
@@ -510,7 +541,8 @@ def test_triton_interpreted_body():
     bad = cases[0].topk_ids.clone()
     bad[0, 0], bad[1, 1], bad[2, 2] = 6, -3, 2**32 + 1
     case = cases[0].replace(topk_ids=bad)
-    assert_matches_reference(fused_experts_triton(*case.args(), 2), case)
+    for config in (None, tile_config(bad.numel(), 6, torch.float16)):  # direct, sorted
+        assert_matches_reference(fused_experts_triton(*case.args(), 2, config=config), case)
 
 
 def check_alignment(ids: torch.Tensor, num_slots: int, block_m: int, stable: bool) -> None:
@@ -561,6 +593,21 @@ def test_launch_gemm_steps_down_the_pipeline_until_it_fits():
     assert kernel.launches == [4, 3, 2, 2]
     with pytest.raises(OutOfResources):
         launch_gemm(Kernel(fits=0), (1,), num_stages=2, BLOCK=32)
+
+
+def test_direct_path_only_for_small_forward_calls():
+    """Batch-1 decode of DeepSeek-V3 TP8 (9 pairs, I=256) takes the direct path; more pairs, an
+    intermediate size above the direct down tile (EP, I=2048) and the backward (which does not ask for
+    it) take the sorted one."""
+    pytest.importorskip("triton")
+    from ops.triton_experts import DIRECT_MAX_PAIRS, tile_config
+
+    assert tile_config(9, 257, torch.bfloat16, resident_k=256, direct=True).direct
+    assert tile_config(DIRECT_MAX_PAIRS, 257, torch.bfloat16, resident_k=256, direct=True).direct
+    assert not tile_config(DIRECT_MAX_PAIRS + 1, 257, torch.bfloat16, resident_k=256, direct=True).direct
+    assert not tile_config(9, 33, torch.bfloat16, resident_k=2048, direct=True).direct
+    assert not tile_config(9, 257, torch.bfloat16, resident_k=256).direct
+    assert tile_config(9, 257, torch.float32, resident_k=32, direct=True).direct
 
 
 def test_resident_down_tiles_only_where_the_intermediate_size_fits():

@@ -30,16 +30,18 @@ FLOAT32_POINTERS = {"dp_part_ptr", "pair_weight_ptr", "row_scale_ptr", "weights_
                     "grad_weights_ptr"}
 
 
-def compile_for_hopper(kernel, dtype: str, num_warps: int, num_stages: int = 1, ids: str = "*i32", **constexprs):
+def compile_for_hopper(kernel, dtype: str, num_warps: int, num_stages: int = 1, ids: str = "*i32",
+                       ids_pointers=("ids_ptr",), **constexprs):
     """Compiles `kernel` with pointers of `dtype` (float data), int32 / float32 where the kernel's
-    argument names say so, `ids` for the router's ids, and integer scalars."""
+    argument names say so, `ids` for the router's ids (the arguments named in `ids_pointers`), and
+    integer scalars."""
 
     def type_of(name):
         if name in constexprs:
             return "constexpr"
         if not name.endswith("_ptr"):
             return "fp32" if name in FLOAT_SCALARS else "i32"
-        if name == "ids_ptr":
+        if name in ids_pointers:
             return ids
         return "*i32" if name in INT32_POINTERS else "*fp32" if name in FLOAT32_POINTERS else dtype
 
@@ -59,7 +61,7 @@ def test_gemm_kernels_compile_for_every_tile_row(dtype):
         gate_up_meta = dict(common, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k)
         for save in (True, False):
             compile_for_hopper(forward._gate_up_kernel, dtype, gate_up.num_warps, gate_up.num_stages, SAVE=save,
-                               **gate_up_meta)
+                               DIRECT=False, **gate_up_meta)
         compile_for_hopper(backward._gate_up_backward_kernel, dtype, gate_up.num_warps, gate_up.num_stages,
                            **gate_up_meta)
         for two_inputs in (True, False):
@@ -69,6 +71,25 @@ def test_gemm_kernels_compile_for_every_tile_row(dtype):
             compile_for_hopper(forward._down_kernel, dtype, resident_down.num_warps, resident_down.num_stages,
                                TWO_INPUTS=False, BLOCK_N=resident_down.block_n, BLOCK_K=resident_down.block_k,
                                N_TILES=resident_down.n_tiles, **common)
+
+
+@pytest.mark.parametrize("dtype", sorted(TABLES))
+@pytest.mark.parametrize("ids", ["*i32", "*i64"])
+def test_direct_path_kernels_compile(dtype, ids):
+    config = forward.direct_config(torch.float32 if dtype == "*fp32" else torch.bfloat16)
+    gate_up, down = config.gate_up, config.down
+    for save in (True, False):
+        # The direct path passes the ids for the block tables (gathered_gate_up_gemm).
+        compile_for_hopper(forward._gate_up_kernel, dtype, gate_up.num_warps, gate_up.num_stages, ids=ids,
+                           ids_pointers=("sorted_pairs_ptr", "block_expert_ptr", "block_rows_ptr"), SAVE=save,
+                           DIRECT=True, BLOCK_M=config.block_m, GROUP_M=config.group_m, BLOCK_N=gate_up.block_n,
+                           BLOCK_K=gate_up.block_k)
+    # DeepSeek-V3 TP8 (I=256: one K tile per pair where the tile holds it) and EP (I=2048, a K loop).
+    for inter, token_weight in itertools.product((256, 2048), (True, False)):
+        block_k = min(down.block_k, triton.next_power_of_2(inter))
+        compile_for_hopper(forward._direct_down_kernel, dtype, down.num_warps, down.num_stages, ids=ids, TOPK=9,
+                           HAS_TOKEN_WEIGHT=token_weight, BLOCK_M=config.block_m, BLOCK_N=down.block_n,
+                           BLOCK_K=block_k, K_TILES=triton.cdiv(inter, block_k))
 
 
 @pytest.mark.parametrize("dtype", sorted(TABLES))
