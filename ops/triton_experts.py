@@ -500,7 +500,7 @@ def _combine_kernel(
     token = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < hidden_size
-    token_weight = shared_token_weight(token_weight_ptr, token, HAS_TOKEN_WEIGHT)
+    token_weight = load_token_weight(token_weight_ptr, token, HAS_TOKEN_WEIGHT)
     out = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOPK):
         pair = token * TOPK + j
@@ -514,7 +514,7 @@ def _combine_kernel(
 
 
 @triton.jit
-def shared_token_weight(token_weight_ptr, token, HAS_TOKEN_WEIGHT: tl.constexpr):
+def load_token_weight(token_weight_ptr, token, HAS_TOKEN_WEIGHT: tl.constexpr):
     """The token's weight on the shared slots (1 without a per-token shared weight)."""
     if HAS_TOKEN_WEIGHT:
         return tl.load(token_weight_ptr + token).to(tl.float32)
@@ -552,7 +552,7 @@ def _direct_down_kernel(
     n_mask = offs_n < hidden_size
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
-    token_weight = shared_token_weight(token_weight_ptr, token, HAS_TOKEN_WEIGHT)
+    token_weight = load_token_weight(token_weight_ptr, token, HAS_TOKEN_WEIGHT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
     for step in range(TOPK * K_TILES):
