@@ -146,9 +146,10 @@ def check(name, fns, w: Weights, batch: Batch, reference=None, tolerance=1e-2) -
             raise SystemExit(f"MISMATCH: {name} T={batch.hidden.shape[0]} {variant}: relative error {error:.3e}")
 
 
-def matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+def matmul_tflops(dtype: torch.dtype = torch.bfloat16) -> float:
+    """The rate of a 8192^3 ``torch.mm`` in `dtype` (float32 as PyTorch runs it by default: no TF32)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
     for _ in range(3):
         a @ b
     times = []

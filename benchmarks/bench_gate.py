@@ -3,10 +3,13 @@
 CUDA (default): every variant is captured in a CUDA graph and timed by CUDA events around graph
 replays (median of many replays); each graph calls the variant on several input buffers in turn so
 that the inputs of one replay exceed the L2 cache. The floor is the bytes the gate must move (read
-the logits, write weights and ids) over the device-to-device copy bandwidth measured in the same run.
+the logits, write weights and ids) over the device-to-device copy bandwidth measured in the same run;
+`copy` is a copy of the same logits inside the same graphs, the latency floor where T is small (one
+kernel node that reads the rows from memory and writes them back).
 
     python benchmarks/bench_gate.py                  # all configurations
     python benchmarks/bench_gate.py --quick          # fewer sizes
+    python benchmarks/bench_gate.py --tokens 40000   # these sizes only
     python benchmarks/bench_gate.py --cpu            # CPU kernel vs eager PyTorch on the CPU
 """
 
@@ -125,8 +128,8 @@ def bench_cuda(tokens_list, config_names) -> None:
     print(f"card: {props.name}, {props.multi_processor_count} SMs, L2 {l2_bytes / 2**20:.0f} MiB, "
           f"torch {torch.__version__}, measured copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     header = (f"{'config':<12} {'dtype':<5} {'T':>7} {'ours us':>9} {'floor us':>9} {'ours/floor':>10} "
-              f"{'GB/s':>6} {'warp us':>8} {'segm. us':>8} {'eager us':>9} {'eager/ours':>10} {'compile us':>10} "
-              f"{'compile/ours':>12}")
+              f"{'copy us':>8} {'ours/copy':>9} {'GB/s':>6} {'warp us':>8} {'segm. us':>8} {'eager us':>9} "
+              f"{'eager/ours':>10} {'compile us':>10} {'compile/ours':>12}")
     print(header)
     for name in config_names:
         num_experts, groups, topk_group, topk = CONFIGS[name]
@@ -144,13 +147,16 @@ def bench_cuda(tokens_list, config_names) -> None:
                 buffers = [torch.randn(tokens, num_experts, device="cuda", generator=gen).to(dtype)
                            for _ in range(count)]
                 ours = time_in_graph_us(lambda x: fused(x, bias, groups, topk_group, topk), buffers)
+                sink = torch.empty_like(buffers[0])
+                copy = time_in_graph_us(sink.copy_, buffers)
                 warp = time_in_graph_us(lambda x: warp_kernel(x, bias, groups, topk_group, topk), buffers)
                 segmented = time_in_graph_us(lambda x: segmented_kernel(x, bias, groups, topk_group, topk), buffers)
                 eager = time_in_graph_us(lambda x: unfused(x, bias, groups, topk_group, topk), buffers[:8])
                 comp = time_in_graph_us(lambda x: compiled(x, bias, groups, topk_group, topk), buffers[:8])
                 floor = moved / (bandwidth * 1e3)
                 print(f"{name:<12} {SHORT_DTYPE[dtype]:<5} {tokens:>7} {ours:>9.2f} {floor:>9.2f} "
-                      f"{ours / floor:>10.2f} {moved / ours / 1e3:>6.0f} {warp:>8.2f} {segmented:>8.2f} {eager:>9.1f} {eager / ours:>10.1f} "
+                      f"{ours / floor:>10.2f} {copy:>8.2f} {ours / copy:>9.2f} {moved / ours / 1e3:>6.0f} {warp:>8.2f} "
+                      f"{segmented:>8.2f} {eager:>9.1f} {eager / ours:>10.1f} "
                       f"{comp:>10.1f} {comp / ours:>12.1f}", flush=True)
                 del buffers
 
@@ -182,13 +188,14 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="time the CPU kernel against eager PyTorch")
     parser.add_argument("--quick", action="store_true", help="fewer token counts")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default: all, or --quick's)")
     args = parser.parse_args()
     if args.cpu:
-        bench_cpu([64, 512, 4096] if not args.quick else [4096])
+        bench_cpu(args.tokens or ([4096] if args.quick else [64, 512, 4096]))
         return
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --cpu")
-    bench_cuda(QUICK_TOKENS if args.quick else TOKENS, args.configs)
+    bench_cuda(args.tokens or (QUICK_TOKENS if args.quick else TOKENS), args.configs)
 
 
 if __name__ == "__main__":

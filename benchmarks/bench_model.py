@@ -14,23 +14,31 @@ compile serves the prefill sizes, one the decode sizes), and run the same inputs
 - the MoE block alone (``model.model.layers[0].mlp``) at every T.
 
 Each call is captured in a CUDA graph and timed by CUDA events around graph replays (median), so
-decode sizes are not launch-bound for either backend. Before timing, both compiled models' logits
-are compared with eager's: in bfloat16 a near-tie in routing flips an expert choice now and then (in
-the default compile as well), so the check is on the mean difference, which must be no larger than
-the default compile's (within 2x).
+decode sizes are not launch-bound for either backend. The MoE block's rows also give its floor, from
+rates measured in the run: the router's float32 GEMM at the float32 matmul rate, then the experts'
+weights that the inputs' routing touches read once at the device-to-device copy bandwidth or their
+FLOPs at the bf16 matmul rate, whichever is longer. The default compile's time over the floor bounds
+the speedup any implementation of the block can show.
+
+Before timing, both compiled models' logits are compared with eager's: in bfloat16 a near-tie in
+routing flips an expert choice now and then (in the default compile as well), so the check is on the
+mean difference, which must be no larger than the default compile's (within 2x).
 
     python benchmarks/bench_model.py              # 3 layers, every size
     python benchmarks/bench_model.py --quick      # 1 layer, T = 1 and 4096
+    python benchmarks/bench_model.py --tokens 8 512   # 3 layers, these sizes
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
 import torch
-from bench_gate import time_in_graph_us
+from bench_experts import matmul_tflops
+from bench_gate import copy_bandwidth_gbps, time_in_graph_us
 
 import fusion_passes  # noqa: F401  (registers the "moe_fusion" backend)
 import ops
@@ -77,35 +85,65 @@ def check_against_eager(model, compiled: dict, vocab: int) -> None:
         raise SystemExit("moe_fusion differs from eager more than the default compile does; not timing it")
 
 
-def print_routing_balance(block, config) -> None:
-    """How many experts the first MoE layer's router picks for random hidden states (the weights a
-    decode step reads grow with it)."""
-    gate = block.gate
-    for tokens in DECODE + PREFILL[:1]:
-        x = torch.randn(tokens, config.hidden_size, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-        logits = torch.nn.functional.linear(x, gate.weight.float())
+class BlockFloor:
+    """The MoE block's floor on given inputs (see the module docstring)."""
+
+    def __init__(self, block, config) -> None:
+        self.block, self.config = block, config
+        self.bandwidth_gbps = copy_bandwidth_gbps()
+        self.bf16_tflops, self.fp32_tflops = matmul_tflops(torch.bfloat16), matmul_tflops(torch.float32)
+
+    def experts_read(self, x: torch.Tensor) -> int:
+        """Routed experts the block's router picks for the tokens of x (shared ones are read always)."""
+        gate, config = self.block.gate, self.config
+        logits = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), gate.weight.float())
         _, ids = ops.moe_fused_gate(logits, gate.e_score_correction_bias, config.n_group, config.topk_group,
                                     config.num_experts_per_tok)
-        print(f"routing balance: T={tokens}: {ids.unique().numel()} of {config.n_routed_experts} experts picked "
-              f"(at most {min(tokens * config.num_experts_per_tok, config.n_routed_experts)})")
+        return ids.unique().numel()
+
+    def us(self, x: torch.Tensor, experts: int) -> float:
+        """The router's float32 GEMM (HF runs it in float32), then the experts, each at its own bound: the
+        weights it reads (bf16) at the copy bandwidth or its FLOPs at the matmul rate of its dtype."""
+        config = self.config
+        hidden, inter, tokens = config.hidden_size, config.moe_intermediate_size, x.numel() // x.shape[-1]
+
+        def bound_us(weight_bytes, flops, tflops):
+            return max(weight_bytes / (self.bandwidth_gbps * 1e3), flops / (tflops * 1e6))
+
+        router = bound_us(2 * config.n_routed_experts * hidden, 2 * tokens * hidden * config.n_routed_experts,
+                          self.fp32_tflops)
+        slots = experts + config.n_shared_experts
+        pairs = tokens * (config.num_experts_per_tok + config.n_shared_experts)
+        experts_us = bound_us(2 * slots * 3 * inter * hidden, 2 * pairs * 3 * inter * hidden, self.bf16_tflops)
+        return router + experts_us
 
 
-def timing_row(label: str, tokens: int, fns: dict, inputs: list[torch.Tensor], replays: int) -> str:
+def timing_row(label: str, tokens: int, fns: dict, inputs: list[torch.Tensor], replays: int,
+               floor: BlockFloor | None = None) -> str:
     times = {}
     for name, fn in fns.items():
         with torch.no_grad():
-            times[name] = time_in_graph_us(fn, inputs, replays) / len(inputs)
+            times[name] = time_in_graph_us(fn, inputs, replays)  # per call
     base, ours = times["inductor"], times["moe_fusion"]
-    return f"| {label} | {tokens} | {base:.1f} | {ours:.1f} | {base / ours:.2f}x |"
+    row = f"| {label} | {tokens} | {base:.1f} | {ours:.1f} | {base / ours:.2f}x |"
+    if floor is None:
+        return row + " | | |"
+    experts = [floor.experts_read(x) for x in inputs]
+    floor_us = statistics.mean(floor.us(x, n) for x, n in zip(inputs, experts, strict=True))
+    return row + f" {statistics.mean(experts):.0f} | {floor_us:.1f} | {base / floor_us:.2f}x |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 layer, T = 1 and 4096")
+    parser.add_argument("--tokens", type=int, nargs="+", choices=DECODE + PREFILL,
+                        help="only these of the listed sizes")
     args = parser.parse_args()
     layers = 1 if args.quick else args.layers
     prefill, decode = ([4096], [1]) if args.quick else (PREFILL, DECODE)
+    if args.tokens:
+        prefill, decode = [t for t in PREFILL if t in args.tokens], [t for t in DECODE if t in args.tokens]
 
     torch._inductor.config.fx_graph_cache = False  # every compile runs the passes (and reports them)
     torch._dynamo.config.recompile_limit = 64  # two backends, size-1 specialisations
@@ -116,7 +154,9 @@ def main() -> None:
     model = model.to(torch.bfloat16)
     vocab = model.config.vocab_size
     block = model.model.layers[0].mlp
-    print_routing_balance(block, model.config)
+    floor = BlockFloor(block, model.config)
+    log(f"measured: copy bandwidth {floor.bandwidth_gbps:.0f} GB/s, mm {floor.bf16_tflops:.0f} TFLOP/s bf16, "
+        f"{floor.fp32_tflops:.0f} TFLOP/s float32")
 
     rows = []
     for part, module in (("model", model), ("MoE block", block)):
@@ -138,14 +178,17 @@ def main() -> None:
                           for _ in range(2)]
                 fns = compiled
             label = f"{part}, {'prefill' if is_prefill else 'decode'}"
-            rows.append(timing_row(label, tokens, fns, inputs, replays=10 if tokens >= 4096 else 50))
+            rows.append(timing_row(label, tokens, fns, inputs, replays=10 if tokens >= 4096 else 50,
+                                   floor=floor if part == "MoE block" else None))
             print(rows[-1], flush=True)
         print(f"moe_fusion on the {part}: {collector.take().tally()}")
 
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, DeepseekV3 {layers} MoE layers "
-          f"(TP8 per-GPU sizes), bfloat16, median per call inside CUDA graphs")
-    print("| what | T | torch.compile default (us) | moe_fusion (us) | speedup |")
-    print("|---|---|---|---|---|")
+          f"(TP8 per-GPU sizes), bfloat16, median per call inside CUDA graphs; measured copy bandwidth "
+          f"{floor.bandwidth_gbps:.0f} GB/s, mm {floor.bf16_tflops:.0f} TFLOP/s bf16, {floor.fp32_tflops:.0f} float32")
+    print("| what | T | torch.compile default (us) | moe_fusion (us) | speedup | routed experts read | "
+          "floor (us) | default / floor |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
