@@ -8,7 +8,7 @@
 // lane holding C consecutive experts, so that the cross-lane steps serve 32/L
 // tokens at once and most of the work is per element.
 //
-// Data path: each warp streams its tokens through a ring of kStages shared-memory
+// Data path: each warp streams its tokens through a ring of 2 or 3 shared-memory
 // stages with cp.async (16-byte pieces, a segment's lanes copying consecutive
 // pieces); lane chunks are padded to an odd number of 16-byte units so that the
 // vector reads of a chunk per lane are free of bank conflicts.
@@ -42,7 +42,10 @@ namespace moe_fusion {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kStages = 3;
+constexpr int kBlocksPerSm = 4;  // the register budget's limit (__launch_bounds__ below)
+// Shared memory a block may use for kBlocksPerSm of them to fit an H100/H200 SM (228 KB, 1 KB of it
+// reserved per block).
+constexpr int kBlockSmemBudget = 228 * 1024 / kBlocksPerSm - 1024;
 constexpr int kMaxTopk = 64;     // the op's limit on topk
 // Below this many tokens the layout with the most lanes per token wins (shorter serial chains).
 constexpr int64_t kFewTokens = 2048;
@@ -68,8 +71,14 @@ struct Layout {
   static constexpr int kCandidates = L == 8 ? 32 : 64;
   static constexpr int kCandidateBytes = kTokensPerWarp * kCandidates * 8;  // score + expert index
   static constexpr int kSlotBytes = kTokensPerWarp * kMaxTopk * 4;
-  static constexpr int kWarpBytes = kStages * kStageBytes + kCandidateBytes + kSlotBytes;
-  static constexpr int kBlockBytes = kBiasBytes + kWarpsPerBlock * kWarpBytes;
+  static constexpr int block_bytes(int stages) {
+    return kBiasBytes + kWarpsPerBlock * (stages * kStageBytes + kCandidateBytes + kSlotBytes);
+  }
+  // Three stages of the copy ring where kBlocksPerSm blocks still fit, else two (fp32 rows of 256 or
+  // 512 experts): warps in flight over prefetch depth.
+  static constexpr int kStages = block_bytes(3) <= kBlockSmemBudget ? 3 : 2;
+  static constexpr int kWarpBytes = (block_bytes(kStages) - kBiasBytes) / kWarpsPerBlock;
+  static constexpr int kBlockBytes = block_bytes(kStages);
   static constexpr int kPickRounds = (kMaxTopk + L - 1) / L;
 };
 
@@ -151,10 +160,11 @@ struct SegmentedArgs {
 };
 
 template <typename T, int C, int L>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, 4)
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, kBlocksPerSm)
     segmented_gate_kernel(const SegmentedArgs args, const GateConfig cfg) {
   using Lay = Layout<T, C, L>;
   constexpr int kTpw = Lay::kTokensPerWarp;
+  constexpr int kStages = Lay::kStages;
   extern __shared__ __align__(16) unsigned char smem[];
   const int E = static_cast<int>(cfg.num_experts);
   const int k = static_cast<int>(cfg.topk);
