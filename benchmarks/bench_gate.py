@@ -39,8 +39,8 @@ SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 def gate_with(kernel: str):
     """Ours with MOE_FUSION_GATE_KERNEL=kernel: "auto" (the default: the segmented CUDA kernel
-    from 8192 tokens where it applies, else the warp kernel), "warp" (one warp per token) or
-    "segmented" (8-32 lanes per token at every size)."""
+    where it applies, else the warp kernel), "warp" (one warp per token) or "segmented" (8-32
+    lanes per token)."""
 
     def gate(logits, bias, groups, topk_group, topk):
         os.environ["MOE_FUSION_GATE_KERNEL"] = kernel

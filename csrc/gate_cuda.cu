@@ -1,10 +1,10 @@
 // CUDA kernels of moe_fusion::moe_fused_gate: the dispatch, and the warp kernel.
 //
-// gate_cuda() sends calls of many tokens in the common configurations to the
-// segmented kernel (gate_cuda_segmented.cu, a few lanes per token); the warp
-// kernel here takes the small calls and every other configuration
-// (compute_dtype emulation, group scores from the top m > 2, groups that do not
-// tile lane chunks, rows that are not 16-byte aligned).
+// gate_cuda() sends the common configurations to the segmented kernel
+// (gate_cuda_segmented.cu, a few lanes per token) at every size; the warp kernel
+// here takes every other configuration (compute_dtype emulation, group scores
+// from the top m > 2, groups that do not tile lane chunks, rows that are not
+// 16-byte aligned).
 //
 // One warp routes one token at a time (grid-stride over tokens, the next
 // token's logits loaded while the current one is routed). Lane l holds experts
@@ -36,9 +36,6 @@ namespace moe_fusion {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-// From this many tokens the segmented kernel wins; below, the warp kernel was as fast or faster on
-// an H100 (the lane sweep and bench_gate.py of 2026-12-05 in benchmarks/RESULTS.md).
-constexpr int64_t kSegmentedFromTokens = 8192;
 
 __device__ __forceinline__ float warp_nan_max(float v) {
 #pragma unroll
@@ -431,14 +428,15 @@ void gate_cuda(const at::Tensor& logits2d, const at::Tensor& bias, const GateCon
   MOE_FUSION_CHECK(cfg.num_experts <= 1024, "moe_fused_gate: on CUDA the number of experts logits.size(-1) must be <= 1024, got ",
                     cfg.num_experts);
   const c10::cuda::CUDAGuard guard(logits2d.device());
-  // MOE_FUSION_GATE_KERNEL: unset or "auto" (the segmented kernel where it applies, from
-  // kSegmentedFromTokens tokens), "warp" (this file's kernel always), "segmented" (at any size; an
-  // error where it does not apply): the last two for tests and benchmarks.
+  // MOE_FUSION_GATE_KERNEL: unset or "auto" (the segmented kernel where it applies, at every size: on
+  // an H100 it was faster than the warp kernel from 8192 tokens, and at T = 1, 64 and 4096 in 20 of
+  // 24 configuration, dtype and size points; benchmarks/RESULTS.md), "warp" (this file's kernel
+  // always), "segmented" (an error where it does not apply): the last two for tests and benchmarks.
   const char* env = std::getenv("MOE_FUSION_GATE_KERNEL");
   const std::string choice = env == nullptr || *env == '\0' ? "auto" : env;
   MOE_FUSION_CHECK(choice == "auto" || choice == "warp" || choice == "segmented",
                     "moe_fused_gate: MOE_FUSION_GATE_KERNEL must be auto, warp or segmented, got '", choice, "'");
-  if (choice == "segmented" || (choice == "auto" && logits2d.size(0) >= kSegmentedFromTokens)) {
+  if (choice != "warp") {
     const char* refusal = gate_cuda_segmented(logits2d, bias, cfg, weights2d, ids2d);
     if (refusal == nullptr) return;
     MOE_FUSION_CHECK(choice == "auto", "moe_fused_gate: MOE_FUSION_GATE_KERNEL=segmented, but the segmented kernel "

@@ -90,10 +90,11 @@ def test_both_cuda_kernels_on_real_configurations(monkeypatch, kernel, name, dty
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["deepseek_v3", "kimi_k2", "deepseek_v2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [8191, 8192, 20001])
-def test_default_kernel_choice_on_both_sides_of_its_threshold(monkeypatch, name, dtype, tokens):
-    """Unset, MOE_FUSION_GATE_KERNEL picks the warp kernel below 8192 tokens and the segmented one
-    from there where it applies (DeepSeek-V2 stays on the warp kernel)."""
+@pytest.mark.parametrize("tokens", [2047, 2048, 20001])
+def test_default_kernel_choice(monkeypatch, name, dtype, tokens):
+    """Unset, MOE_FUSION_GATE_KERNEL picks the segmented kernel where it applies and the warp kernel
+    elsewhere (DeepSeek-V2), on both sides of the size where the segmented kernel changes its lane
+    layout (2048 tokens)."""
     monkeypatch.delenv("MOE_FUSION_GATE_KERNEL", raising=False)
     check_real_configuration(name, dtype, tokens, "cuda", seed=tokens)
 
