@@ -536,6 +536,8 @@ def test_triton_interpreted_body():
         ids = torch.randint(-1, num_slots + 1, (tokens, topk), generator=torch.Generator().manual_seed(0))
         for stable in (True, False):
             check_alignment(ids, num_slots, block_m=16, stable=stable)
+    # No valid id: every block of the bound (more than one step of the unused-block loop) is unused.
+    check_alignment(torch.full((100, 9), 7), num_slots=3, block_m=16, stable=False)
 
     # Out-of-range ids (including int64 values that wrap to valid int32 ones) contribute nothing.
     bad = cases[0].topk_ids.clone()

@@ -110,8 +110,8 @@ def test_alignment_and_combine_kernels_compile(ids):
         compile_for_hopper(forward._align_count_kernel, "*i32", num_warps, ids=ids, NUM_BINS=num_bins, CHUNK=chunk)
         for stable, precounted in itertools.product((True, False), (True, False)):
             compile_for_hopper(forward._align_kernel, "*i32", num_warps, ids=ids, BLOCK_M=64, NUM_BINS=num_bins,
-                               CHUNK=chunk, BLOCKS_CHUNK=max(1, 8192 // num_bins),
-                               COUNTS_CHUNK=max(1, 8192 // num_bins), PRECOUNTED=precounted, STABLE=stable)
+                               CHUNK=chunk, COUNTS_CHUNK=max(1, 8192 // num_bins), PRECOUNTED=precounted,
+                               STABLE=stable)
     for weighted in (True, False):
         compile_for_hopper(forward._combine_kernel, "*bf16", 4, ids=ids, WEIGHTED=weighted, HAS_TOKEN_WEIGHT=weighted,
                            TOPK=9, BLOCK_H=1024)
