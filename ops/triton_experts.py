@@ -214,7 +214,7 @@ def _align_kernel(
         owned = j < slot_blocks
         tl.store(block_expert_ptr + first_block + j, slots, mask=owned)
         tl.store(block_rows_ptr + first_block + j, tl.minimum(counts - j * BLOCK_M, BLOCK_M), mask=owned)
-    # Fewer than NUM_BINS unused blocks when every id is valid (num_blocks' bound), one step then.
+    # At most min(num_slots, num_pairs) <= NUM_BINS unused blocks when every id is valid (num_blocks' bound): one step.
     for b0 in range(tl.sum(slot_blocks, 0) + pid * NUM_BINS, num_blocks, num_programs * NUM_BINS):
         blocks = b0 + slots
         tl.store(block_expert_ptr + blocks, -1, mask=blocks < num_blocks)
