@@ -42,6 +42,7 @@ namespace moe_fusion {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
+constexpr int kBlockThreads = kWarp * kWarpsPerBlock;
 constexpr int kBlocksPerSm = 4;  // the register budget's limit (__launch_bounds__ below)
 // Shared memory a block may use for kBlocksPerSm of them to fit an H100/H200 SM (228 KB, 1 KB of it
 // reserved per block).
@@ -160,7 +161,7 @@ struct SegmentedArgs {
 };
 
 template <typename T, int C, int L>
-__global__ void __launch_bounds__(kWarp* kWarpsPerBlock, kBlocksPerSm)
+__global__ void __launch_bounds__(kBlockThreads, kBlocksPerSm)
     segmented_gate_kernel(const SegmentedArgs args, const GateConfig cfg) {
   using Lay = Layout<T, C, L>;
   constexpr int kTpw = Lay::kTokensPerWarp;
@@ -211,14 +212,22 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, kBlocksPerSm)
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue((warp_id + s * total_warps) * kTpw, s);
   // The bias in fp32 in the chunk layout: 0 without a bias, -inf for the padding experts >= E.
-  for (int e = threadIdx.x; e < L * C; e += blockDim.x) {
-    float b = -INFINITY;
-    if (e < E) {
-      b = !cfg.has_bias        ? 0.0f
-          : args.bias_is_f32 ? static_cast<const float*>(args.bias)[e]
-                             : to_float(static_cast<const T*>(args.bias)[e]);
-    }
-    bias_s[(e / C) * Lay::kBiasChunkFloats + e % C] = b;
+  // Every load is issued before the first store: a loop that stored each value before loading the
+  // next paid one memory latency per pass, in series, which at small T is the kernel's critical path.
+  constexpr int kBiasPerThread = (L * C + kBlockThreads - 1) / kBlockThreads;
+  float bias_r[kBiasPerThread];
+#pragma unroll
+  for (int i = 0; i < kBiasPerThread; ++i) {
+    const int e = threadIdx.x + i * kBlockThreads;
+    bias_r[i] = e >= E           ? -INFINITY
+                : !cfg.has_bias  ? 0.0f
+                : args.bias_is_f32 ? static_cast<const float*>(args.bias)[e]
+                                   : to_float(static_cast<const T*>(args.bias)[e]);
+  }
+#pragma unroll
+  for (int i = 0; i < kBiasPerThread; ++i) {
+    const int e = threadIdx.x + i * kBlockThreads;
+    if (e < L * C) bias_s[(e / C) * Lay::kBiasChunkFloats + e % C] = bias_r[i];
   }
   // Padding experts read as -inf logits in every stage row (cp.async never writes them), so
   // their selection scores are -inf (sigmoid 0 or softmax 0, plus the -inf bias).
@@ -291,17 +300,20 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock, kBlocksPerSm)
         }
       }
       const uint32_t key = order_key(cfg.group_score_topk == 1 ? g1 : __fadd_rn(g1, g2));
-      const int groups = L / n, g = l / n;
-      int better = 0;  // groups ahead of this one: higher score, or equal with a lower index
+      // Every lane of a group holds its key, so counting the lanes of the groups ahead of this one
+      // (higher score, or equal with a lower index) counts each such group n times. One shuffle per
+      // other lane of the segment, independent of each other and free of branches: at small T (32
+      // lanes a token) they issue back to back, where a shuffle per group behind a test of the
+      // run-time group count went one after the other.
+      const int group_first_lane = l & ~(n - 1);
+      int better = 0;
 #pragma unroll
       for (int o = 1; o < L; ++o) {
-        if (o < groups) {
-          const int q = g + o < groups ? g + o : g + o - groups;
-          const uint32_t other = __shfl_sync(kFull, key, q * n, L);
-          better += other > key || (other == key && q < g);
-        }
+        const int q = (l + o) & (L - 1);
+        const uint32_t other = __shfl_sync(kFull, key, q, L);
+        better += other > key || (other == key && q < group_first_lane);
       }
-      kept = better < cfg.topk_group;
+      kept = better < cfg.topk_group * n;
     }
 
     // 4. tau: the r-th largest second-best among kept lanes (ties: lower lane).
@@ -446,18 +458,17 @@ template <typename T, int C, int L>
 void launch(const SegmentedArgs& args, const GateConfig& cfg, cudaStream_t stream) {
   using Lay = Layout<T, C, L>;
   auto kernel = segmented_gate_kernel<T, C, L>;
-  constexpr int kThreads = kWarp * kWarpsPerBlock;
   if (Lay::kBlockBytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBlockBytes));
   }
   int blocks_per_sm = 0, device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, Lay::kBlockBytes));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kBlockThreads, Lay::kBlockBytes));
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t tokens_per_block = static_cast<int64_t>(Lay::kTokensPerWarp) * kWarpsPerBlock;
   const int64_t needed = (args.rows + tokens_per_block - 1) / tokens_per_block;
   const int blocks = static_cast<int>(std::min<int64_t>(needed, static_cast<int64_t>(sms) * std::max(blocks_per_sm, 1)));
-  launch_after_preceding_kernel(kernel, blocks, kThreads, Lay::kBlockBytes, stream, device, args, cfg);
+  launch_after_preceding_kernel(kernel, blocks, kBlockThreads, Lay::kBlockBytes, stream, device, args, cfg);
 }
 
 constexpr int kChunkSizes[] = {8, 16, 24, 32};
