@@ -104,7 +104,7 @@ _TILES_FP32 = (
 # what loses above one token.
 DIRECT_MAX_PAIRS = 16
 # (gate_up, down) tiles of the direct path (bench_experts.py --tune at TP8 T=1: 46.1 -> 40.6 us from
-# (32, 128, 4, 4) and (32, 256, 4, 3)). The down tiles' BLOCK_K is capped at next_power_of_2(I); an I
+# (32, 128, 4, 4) and (32, 256, 4, 3)). The down tiles' BLOCK_K is capped at resident_k_tile(I); an I
 # above it takes a K loop per pair (direct_config forced on such shapes: tests, benchmarks).
 _DIRECT_16BIT = (GemmTiles(32, 256, 4, 4), GemmTiles(32, 256, 4, 5))
 _DIRECT_FP32 = (GemmTiles(32, 32, 4, 2), GemmTiles(32, 32, 4, 2))
@@ -683,15 +683,21 @@ def gathered_gate_up_gemm(x, act, projections, blocks: Alignment | PairBlocks, t
     )
 
 
+def resident_k_tile(k_size: int) -> int:
+    """The K tile that holds all of a K of ``k_size``: its next power of two, at least tl.dot's smallest K
+    (16; Triton's interpreter, which the CPU tests run, does not enforce it)."""
+    return max(16, triton.next_power_of_2(k_size))
+
+
 def scattered_gemm(act, y, alignment: Alignment, down, shared_down, tiles: GemmTiles, group_m: int,
                    act2=None, down2=None, shared_down2=None) -> None:
     """y[pair] = down_e @ act[row] (+ down2_e @ act2[row]) for every row of the alignment; weights
     [E, N, K] and shared [N, S*K]. The slot size along K is act's width. ``tiles.n_tiles`` > 1 holds all of
-    K resident (a K tile of next_power_of_2(K) <= ``tiles.block_k``) where K is that short and there is
+    K resident (a K tile of resident_k_tile(K) <= ``tiles.block_k``) where K is that short and there is
     one input; elsewhere the K loop runs, one N tile per program."""
     num_experts, hidden_size, inter = down.shape
     two_inputs = act2 is not None
-    resident_k = triton.next_power_of_2(inter)
+    resident_k = resident_k_tile(inter)
     resident = tiles.n_tiles > 1 and not two_inputs and resident_k <= tiles.block_k
     num_n = triton.cdiv(hidden_size, tiles.block_n)
     # The N tiles spread evenly over a block's programs (no program loops over fully masked tiles).
@@ -729,7 +735,7 @@ def direct_down_combine(act, out, ids, weights, token_weight, down, shared_down,
     on shared slots) * down_e @ act[t*K + j] (see _direct_down_kernel)."""
     tokens, hidden_size = out.shape
     num_experts, _, inter = down.shape
-    block_k = min(tiles.block_k, triton.next_power_of_2(inter))
+    block_k = min(tiles.block_k, resident_k_tile(inter))
     launch_gemm(
         _direct_down_kernel, (tokens * triton.cdiv(hidden_size, tiles.block_n),),
         act, out, ids, weights, ids if token_weight is None else token_weight, down, shared_down,

@@ -138,7 +138,7 @@ def assert_matches_reference(out: torch.Tensor, case: Case, reference: torch.Ten
     num_experts=st.sampled_from([1, 4, 8, 60]),
     topk=st.sampled_from([1, 2, 6, 8]),
     num_shared=st.sampled_from([0, 1, 2]),
-    inter=st.sampled_from([16, 32, 48]),
+    inter=st.sampled_from([8, 16, 32, 48]),
     hidden_size=st.sampled_from([32, 64, 96]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     layout=st.sampled_from(LAYOUTS),
@@ -399,6 +399,24 @@ def test_cuda_resident_down_tiles(dtype, layout):
     reference = fused_experts_reference(*case.args())
     poison_cuda_cache()
     assert_matches_reference(fused_experts_triton(*case.args(), 1, config=resident_down_config()), case, reference)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inter", [4, 8])
+def test_cuda_intermediate_size_below_the_smallest_dot(dtype, inter):
+    """I < 16, the smallest K of tl.dot: the K tiles that hold all of I (the direct path's down GEMM and
+    the resident down tiles) are 16 wide, masked (Triton's interpreter accepts the narrower tiles, so
+    only the GPU sees this)."""
+    from ops.triton_experts import direct_config, fused_experts_triton
+
+    for tokens, config in ((1, direct_config(dtype)), (300, resident_down_config())):
+        case = make_case(tokens=tokens, hidden_size=48, inter=inter, num_experts=3, topk=2, num_shared=1,
+                         dtype=dtype, device="cuda", seed=inter)
+        reference = fused_experts_reference(*case.args())
+        poison_cuda_cache()
+        assert_matches_reference(fused_experts_triton(*case.args(), 1, config=config), case, reference)
 
 
 @requires_cuda
